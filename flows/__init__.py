@@ -1,0 +1,1 @@
+"""Prefect flows of the squadtune pipeline and its command line."""

@@ -1,0 +1,1 @@
+"""Pipeline stages: one module each, a thin Prefect task over plain functions."""

@@ -1,0 +1,240 @@
+"""Config -> library objects, and loading models for training and inference.
+
+No Prefect here: the served MLflow model imports this module too.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline_config import LoraSettings, QuantizationConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def bnb_config(cfg: QuantizationConfig):
+    """`BitsAndBytesConfig` for the quantization section, or None when it is off."""
+    from transformers import BitsAndBytesConfig
+
+    if cfg.load_in_4bit:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+            bnb_4bit_compute_dtype=DTYPES[cfg.bnb_4bit_compute_dtype],
+            bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
+        )
+    if cfg.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def lora_config(cfg: LoraSettings, new_token_ids: list[int] | None = None):
+    """`peft.LoraConfig` for the lora section; new chat tokens' embedding rows train too."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        bias=cfg.bias,
+        target_modules=list(cfg.target_modules),
+        fan_in_fan_out=cfg.fan_in_fan_out,
+        task_type="CAUSAL_LM",
+        # A list targets the input embedding; PEFT keeps it tied to the LM head.
+        trainable_token_indices=list(new_token_ids) if cfg.train_new_tokens and new_token_ids
+        else None,
+    )
+
+
+def matched_modules(model: torch.nn.Module, patterns: list[str]) -> dict[str, list[str]]:
+    """Module names each LoRA target pattern matches (PEFT's suffix rule)."""
+    names = [name for name, _ in model.named_modules()]
+    return {
+        p: [n for n in names if n == p or n.endswith("." + p)]
+        for p in patterns
+    }
+
+
+def check_targets(model: torch.nn.Module, cfg: LoraSettings) -> dict[str, int]:
+    """Fail on a target that matches nothing, instead of silently adapting fewer layers."""
+    matches = matched_modules(model, cfg.target_modules)
+    empty = [p for p, m in matches.items() if not m]
+    if empty:
+        leaves = sorted(
+            {n.split(".", 3)[-1] for n, mod in model.named_modules() if isinstance(
+                mod, torch.nn.Module) and not list(mod.children()) and n}
+        )
+        raise ValueError(
+            f"lora.target_modules {empty} match no module of this model; module names end in "
+            f"one of: {', '.join(leaves[:40])}"
+        )
+    return {p: len(m) for p, m in matches.items()}
+
+
+def disable_cpu_repacking(model: torch.nn.Module) -> int:
+    """Work around bitsandbytes 0.50 on CPU: an eval-mode forward repacks `Linear4bit` weights
+    for inference and the next training forward then fails; turning the repacking off avoids it."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def base_spec(base) -> dict[str, Any]:
+    """The base-model stage manifest with `source` made loadable (absolute for a bundled base)."""
+    spec = dict(base.manifest)
+    if spec.get("bundled"):
+        spec["source"] = str(Path(base.path) / spec["source"])
+    return spec
+
+
+def load_base_model(
+    base: dict[str, Any],
+    quantization: QuantizationConfig,
+    torch_dtype: str = "float32",
+    device: str | None = None,
+):
+    """The base causal LM described by a base-model stage manifest, resized to the tokenizer.
+
+    Only safetensors are loaded and no remote code runs.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = device or default_device()
+    quant = bnb_config(quantization)
+    kwargs: dict[str, Any] = {
+        "revision": base.get("revision"),
+        "dtype": DTYPES[torch_dtype],
+        "trust_remote_code": False,
+        "use_safetensors": True,
+    }
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": 0 if device == "cuda" else device}
+    model = AutoModelForCausalLM.from_pretrained(base["source"], **kwargs)
+    vocab = base["vocab_size"]
+    if model.get_input_embeddings().weight.shape[0] != vocab:
+        model.resize_token_embeddings(vocab, mean_resizing=True)
+    if base.get("pad_token_id") is not None:
+        model.config.pad_token_id = base["pad_token_id"]
+        model.generation_config.pad_token_id = base["pad_token_id"]
+    if quant is None:
+        model.to(device)
+    elif device == "cpu":
+        disable_cpu_repacking(model)
+    return model
+
+
+def prepare_for_training(model, quantization: QuantizationConfig, gradient_checkpointing: bool):
+    """Freeze the base; for k-bit bases cast norms to fp32 (PEFT's QLoRA preparation)."""
+    from peft import prepare_model_for_kbit_training
+
+    if quantization.enabled:
+        return prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing
+        )
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
+
+
+def count_parameters(model) -> dict[str, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "total": total}
+
+
+def load_for_inference(
+    base: dict[str, Any],
+    adapter_dir: str | Path | None,
+    quantization: QuantizationConfig,
+    torch_dtype: str = "float32",
+    device: str | None = None,
+):
+    """Base model plus (optionally) a saved PEFT adapter, in eval mode."""
+    model = load_base_model(base, quantization, torch_dtype, device)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    model.eval()
+    return model
+
+
+def context_window(model) -> int:
+    config = model.config
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(f"cannot tell the context window of {type(model).__name__}")
+
+
+@torch.no_grad()
+def generate_answers(
+    model,
+    tokenizer,
+    contexts: list[str],
+    questions: list[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    max_prompt_tokens: int | None = None,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy answers, batched: prompts sorted by length, left-padded, stopped at `<|end|>`."""
+    from tqdm.auto import tqdm
+
+    from tasks.chat_format import encode_prompt, stop_token_ids
+
+    window = context_window(model)
+    limit = window - max_new_tokens
+    if max_prompt_tokens is not None:
+        limit = min(limit, max_prompt_tokens)
+    if limit <= 0:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
+            f"{window}-token context window"
+        )
+    prompts = [encode_prompt(tokenizer, c, q, limit)[0] for c, q in zip(contexts, questions,
+                                                                         strict=True)]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    stops = stop_token_ids(tokenizer)
+    device = next(model.parameters()).device
+    answers: list[str] = [""] * len(prompts)
+    batches = range(0, len(order), batch_size)
+    for start in tqdm(batches, desc="generating", disable=not progress):
+        idx = order[start : start + batch_size]
+        batch = tokenizer.pad(
+            {"input_ids": [prompts[i] for i in idx]}, padding_side="left", return_tensors="pt"
+        ).to(device)
+        out = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stops,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        new = out[:, batch["input_ids"].shape[1] :].tolist()
+        for i, ids in zip(idx, new, strict=True):
+            cut = next((k for k, t in enumerate(ids) if t in stops), len(ids))
+            answers[i] = tokenizer.decode(ids[:cut], skip_special_tokens=True).strip()
+    return answers

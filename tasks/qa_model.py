@@ -1,0 +1,73 @@
+"""The served question answerer: the base model plus the trained PEFT adapter, as an MLflow pyfunc.
+
+Logged as a model from code (no pickled objects): MLflow runs this file at load time and serves
+what `set_model` registers. The adapter inside the model is the plain PEFT format.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+INPUT_COLUMNS = ("context", "question")
+
+
+def bad_request(message: str) -> MlflowException:
+    """An error the scoring server answers with HTTP 400 and this message."""
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+class SquadQAModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        from transformers import AutoTokenizer
+
+        from pipeline_config import QuantizationConfig
+        from tasks.modeling import load_for_inference
+
+        settings = json.loads(Path(context.artifacts["settings"]).read_text())
+        base = dict(settings["base"])
+        if "base_model" in context.artifacts:
+            base["source"] = context.artifacts["base_model"]
+        self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"])
+        self.model = load_for_inference(
+            base,
+            context.artifacts["adapter"],
+            QuantizationConfig(**settings["quantization"]),
+            settings["torch_dtype"],
+        )
+        self.generation = settings["generation"]
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
+        from tasks.modeling import generate_answers
+
+        if not isinstance(model_input, pd.DataFrame):
+            model_input = pd.DataFrame(model_input)
+        missing = [c for c in INPUT_COLUMNS if c not in model_input.columns]
+        if missing:
+            raise bad_request(f"missing input column(s) {missing}; send 'context' and 'question'")
+        for column in INPUT_COLUMNS:
+            empty = [
+                i for i, v in enumerate(model_input[column])
+                if not isinstance(v, str) or not v.strip()
+            ]
+            if empty:
+                raise bad_request(f"empty {column!r} in row(s) {empty[:10]}; send non-empty text")
+        options = {**self.generation, **(params or {})}
+        answers = generate_answers(
+            self.model,
+            self.tokenizer,
+            list(model_input["context"]),
+            list(model_input["question"]),
+            max_new_tokens=int(options["max_new_tokens"]),
+            batch_size=int(options["batch_size"]),
+            max_prompt_tokens=options.get("max_prompt_tokens"),
+        )
+        return pd.DataFrame({"answer": answers})
+
+
+mlflow.models.set_model(SquadQAModel())

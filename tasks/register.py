@@ -1,0 +1,188 @@
+"""Stage 7: package adapter + tokenizer as an MLflow pyfunc and register a new model version."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from pipeline_config import EvaluationConfig, ModelConfig, QuantizationConfig, RegistryConfig
+from tasks.modeling import base_spec
+from tasks.stage import Stage, StageOutput, upstream_keys
+
+STAGE = Stage("register", version="1")
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+QA_MODEL_CODE = Path(__file__).resolve().parent / "qa_model.py"
+SERVING_PACKAGES = (
+    "mlflow", "torch", "transformers", "peft", "accelerate", "safetensors", "pandas",
+    "pydantic", "pyyaml", "tqdm",
+)
+
+
+def pip_requirements(quantized: bool) -> list[str]:
+    """Pinned to what trained the model; given explicitly, MLflow's inference is slow and wrong."""
+    pins = []
+    for name in SERVING_PACKAGES + (("bitsandbytes",) if quantized else ()):
+        try:
+            pins.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            pins.append(name)
+    return pins
+
+
+def signature(evaluation: EvaluationConfig):
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "context"), ColSpec("string", "question")]),
+        outputs=Schema([ColSpec("string", "answer")]),
+        params=ParamSchema(
+            [
+                ParamSpec("max_new_tokens", "long", evaluation.max_new_tokens),
+                ParamSpec("batch_size", "long", evaluation.batch_size),
+            ]
+        ),
+    )
+
+
+def save_pyfunc(
+    adapter: StageOutput,
+    tokenized: StageOutput,
+    base: StageOutput,
+    model_cfg: ModelConfig,
+    quantization: QuantizationConfig,
+    evaluation: EvaluationConfig,
+    out: Path,
+) -> Path:
+    """Write the pyfunc model directory; a local base model travels inside it."""
+    import mlflow
+
+    spec = base_spec(base)
+    settings = {
+        "base": {k: spec.get(k) for k in ("source", "revision", "vocab_size", "pad_token_id")},
+        "quantization": quantization.model_dump(mode="json"),
+        "torch_dtype": model_cfg.torch_dtype,
+        "generation": {
+            "max_new_tokens": evaluation.max_new_tokens,
+            "batch_size": evaluation.batch_size,
+            "max_prompt_tokens": tokenized.manifest["max_seq_len"],
+        },
+    }
+    (out / "settings.json").write_text(json.dumps(settings, indent=2))
+    artifacts = {
+        "adapter": str(adapter.dir / "adapter"),
+        "tokenizer": str(tokenized.dir / "tokenizer"),
+        "settings": str(out / "settings.json"),
+    }
+    if Path(spec["source"]).is_dir():
+        artifacts["base_model"] = spec["source"]
+    model_dir = out / "qa_model"
+    shutil.rmtree(model_dir, ignore_errors=True)
+    # No input example on purpose: MLflow would load the whole model to run it at save time.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*An input example was not provided")
+        mlflow.pyfunc.save_model(
+            str(model_dir),
+            python_model=str(QA_MODEL_CODE),
+            artifacts=artifacts,
+            code_paths=[str(PACKAGE_ROOT / "tasks"), str(PACKAGE_ROOT / "pipeline_config")],
+            signature=signature(evaluation),
+            pip_requirements=pip_requirements(quantization.enabled),
+        )
+    return model_dir
+
+
+def register(model_dir: Path, cfg: RegistryConfig, run_id: str, tags: dict[str, str]) -> dict:
+    """Log the model directory to the run and register it as a new version with the alias."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    client.log_artifacts(run_id, str(model_dir), "qa_model")
+    try:
+        client.get_registered_model(cfg.model_name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(
+            cfg.model_name, description="GPT-2 QLoRA adapters for SQuAD question answering."
+        )
+    mv = client.create_model_version(
+        cfg.model_name, source=f"runs:/{run_id}/qa_model", run_id=run_id, tags=tags
+    )
+    client.set_registered_model_alias(cfg.model_name, cfg.alias, mv.version)
+    return {
+        "model_name": cfg.model_name,
+        "version": int(mv.version),
+        "alias": cfg.alias,
+        "model_uri": f"models:/{cfg.model_name}/{mv.version}",
+        "run_id": run_id,
+    }
+
+
+def version_exists(done: StageOutput) -> bool:
+    """A cached registration counts only if the registry still holds that version."""
+    import mlflow
+
+    m = done.manifest
+    try:
+        mv = mlflow.MlflowClient().get_model_version(m["model_name"], str(m["version"]))
+    except Exception:
+        return False
+    return mv.tags.get("squadtune.adapter_key") == m.get("adapter_key")
+
+
+def stage_key(
+    adapter: StageOutput, evaluation_out: StageOutput, registry: RegistryConfig, **_: Any
+) -> str:
+    return STAGE.key(upstream_keys(adapter, evaluation_out), registry.cache_dict())
+
+
+@task(
+    name="register_adapter",
+    cache_key_fn=STAGE.cache_key_fn(stage_key, still_valid=version_exists),
+    persist_result=True,
+    result_serializer="json",
+)
+def register_adapter(
+    adapter: StageOutput,
+    evaluation_out: StageOutput,
+    tokenized: StageOutput,
+    base: StageOutput,
+    model_cfg: ModelConfig,
+    quantization: QuantizationConfig,
+    evaluation: EvaluationConfig,
+    registry: RegistryConfig,
+    config_hash: str,
+    flow_run_id: str,
+    state_dir: str,
+    run_id: str,
+) -> StageOutput:
+    """Log the adapter as an MLflow pyfunc model and register it with the `candidate` alias."""
+    key = stage_key(adapter, evaluation_out, registry)
+    done = STAGE.finished(state_dir, key)
+    if done is not None and not version_exists(done):
+        shutil.rmtree(done.dir)
+
+    def produce(out: Path) -> dict[str, Any]:
+        metrics = evaluation_out.manifest["metrics"]
+        tags = {
+            "squadtune.adapter_key": adapter.key,
+            "squadtune.config_hash": config_hash,
+            "squadtune.eval_key": evaluation_out.key,
+            "squadtune.base_model": model_cfg.name_or_path
+            or f"random_init:{model_cfg.random_init.model_dump_json()}",
+            "prefect.flow_run_id": flow_run_id,
+            "mlflow.run_id": run_id,
+            "eval.exact_match": f"{metrics['exact_match']:.4f}",
+            "eval.f1": f"{metrics['f1']:.4f}",
+        }
+        model_dir = save_pyfunc(adapter, tokenized, base, model_cfg, quantization, evaluation, out)
+        info = register(model_dir, registry, run_id, tags)
+        shutil.rmtree(model_dir)  # the logged copy in MLflow is the one that counts
+        return {**info, "adapter_key": adapter.key}
+
+    return STAGE.build(state_dir, key, produce)

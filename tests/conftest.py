@@ -1,0 +1,162 @@
+"""Shared fixtures: offline hub flags, a temporary state dir, real SQuAD and GPT-2 tokenizer files.
+
+The environment is set before Prefect or MLflow are imported so their settings pick it up.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("SQUADTUNE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+SQUAD_DEV = SHARED_DATA / "squad" / "dev-v1.1.json.gz"
+TOKENIZER_DIR = SHARED_DATA / "gpt2-tokenizer"
+
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="squadtune-tests-"))
+for name, value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HOME": str(_SESSION_TMP / "hf"),
+    "MLFLOW_TRACKING_URI": f"sqlite:///{_SESSION_TMP / 'mlflow.db'}",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(_SESSION_TMP / "prefect-results"),
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ[name] = value
+
+if not SQUAD_DEV.is_file() or not TOKENIZER_DIR.is_dir():
+    raise pytest.UsageError(
+        f"test data not found under {SHARED_DATA}: the tests read the SQuAD dev set and the GPT-2 "
+        "tokenizer in place; set SQUADTUNE_SHARED_DATA to the folder holding squad/ and "
+        "gpt2-tokenizer/"
+    )
+
+
+@pytest.fixture(scope="session")
+def session_tmp() -> Path:
+    return _SESSION_TMP
+
+
+@pytest.fixture(scope="session")
+def squad_doc() -> dict:
+    with gzip.open(SQUAD_DEV, "rt") as fh:
+        return json.load(fh)
+
+
+def write_squad(path: Path, articles: list[dict], version: str = "1.1") -> Path:
+    path.write_text(json.dumps({"version": version, "data": articles}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_squad_file(squad_doc, session_tmp) -> Path:
+    """Six real articles, three paragraphs each: enough to split by article and train a step."""
+    articles = [
+        {"title": a["title"], "paragraphs": a["paragraphs"][:3]} for a in squad_doc["data"][:6]
+    ]
+    return write_squad(session_tmp / "small-squad.json", articles)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The real GPT-2 tokenizer with the chat tokens and template added."""
+    from pipeline_config import ModelConfig
+    from tasks.format_tokenize import chat_tokenizer
+
+    tok, _ = chat_tokenizer(
+        ModelConfig(name_or_path=None, tokenizer=str(TOKENIZER_DIR), random_init={})
+    )
+    return tok
+
+
+def tiny_config_dict(train_file: Path, state_dir: Path) -> dict:
+    """A pipeline config that runs end to end in seconds on a CPU."""
+    return {
+        "run_name": "test",
+        "data": {
+            "hub_dataset": None,
+            "train_files": [str(train_file)],
+            "heldout_fraction": 0.34,
+            "max_seq_len": 320,
+        },
+        "model": {
+            "name_or_path": None,
+            "tokenizer": str(TOKENIZER_DIR),
+            "random_init": {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 512},
+        },
+        "quantization": {"load_in_4bit": True, "bnb_4bit_compute_dtype": "float32"},
+        "lora": {"lora_r": 8, "lora_alpha": 16},
+        "training": {
+            "max_steps": 4,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 1e-3,
+            "warmup_steps": 0,
+            "logging_steps": 1,
+            "save_steps": 2,
+        },
+        "evaluation": {"max_samples": 8, "max_new_tokens": 6, "batch_size": 8},
+        "registry": {"model_name": "squadtune-test"},
+        "tracking": {"experiment_name": "squadtune-tests", "state_dir": str(state_dir)},
+    }
+
+
+@pytest.fixture
+def tiny_config(small_squad_file, tmp_path):
+    from pipeline_config import PipelineConfig
+
+    return PipelineConfig.model_validate(tiny_config_dict(small_squad_file, tmp_path / "state"))
+
+
+def build_until_lora(config, root: Path) -> dict:
+    """The first four stages built by their plain functions (no Prefect), for stage tests."""
+    from tasks import base_model, format_tokenize, load_squad, lora
+
+    squad = load_squad.STAGE.build(root, "squad", lambda out: load_squad.build(config.data, out))
+    tokenized = format_tokenize.STAGE.build(
+        root, "tok", lambda out: format_tokenize.build(squad, config.data, config.model, out)
+    )
+    base = base_model.STAGE.build(
+        root,
+        "base",
+        lambda out: base_model.build(config.model, tokenized, config.data.max_seq_len, out),
+    )
+    lora_init = lora.STAGE.build(
+        root,
+        "lora",
+        lambda out: lora.build(
+            base, tokenized, config.model, config.quantization, config.lora,
+            config.training.seed, out,
+        ),
+    )
+    return {"squad": squad, "tokenized": tokenized, "base": base, "lora": lora_init}
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One real (temporary, SQLite-backed) Prefect server for the whole test session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def task_states(flow_state) -> dict[str, str]:
+    """Task name -> state name of the flow run behind `flow_state`."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])
+            )
+        )
+    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}

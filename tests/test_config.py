@@ -1,0 +1,88 @@
+"""Config: YAML + overrides, and bad configs rejected with messages that name the fix."""
+
+import pytest
+
+from pipeline_config import ConfigError, PipelineConfig, load_config, preflight
+
+
+@pytest.mark.parametrize("name", ["demo", "gpt2_squad_qlora"])
+def test_bundled_configs_load(name):
+    config = load_config(name)
+    assert isinstance(config, PipelineConfig)
+
+
+def test_seed_recipe_values():
+    c = load_config("gpt2_squad_qlora")
+    assert c.model.name_or_path == "openai-community/gpt2"
+    assert c.data.hub_dataset == "rajpurkar/squad"
+    assert (c.lora.lora_r, c.lora.lora_alpha, c.lora.lora_dropout, c.lora.bias) == (
+        32, 32, 0.05, "none"
+    )
+    assert c.lora.target_modules == ["attn.c_attn", "attn.c_proj"]
+    assert c.quantization.load_in_4bit and c.quantization.bnb_4bit_quant_type == "nf4"
+    assert c.quantization.bnb_4bit_compute_dtype == "float16"
+    assert not c.quantization.bnb_4bit_use_double_quant
+    t = c.training
+    assert (t.learning_rate, t.per_device_train_batch_size, t.max_steps) == (2e-4, 16, 10_000)
+    assert (t.save_steps, t.eval_steps, t.optim) == (1000, 1000, "paged_adamw_8bit")
+    assert t.gradient_checkpointing
+
+
+def test_overrides_are_typed_and_nested():
+    c = load_config("demo", ["training.max_steps=7", "lora.target_modules=[attn.c_attn]",
+                             "training.learning_rate=1e-4", "data.max_train_samples=null"])
+    assert c.training.max_steps == 7
+    assert c.lora.target_modules == ["attn.c_attn"]
+    assert c.training.learning_rate == pytest.approx(1e-4)
+    assert c.data.max_train_samples is None
+
+
+def test_unknown_key_names_key_and_suggests():
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", ["training.max_step=3"])
+    msg = str(err.value)
+    assert "training.max_step: unknown key" in msg
+    assert "Did you mean 'max_steps'" in msg
+
+
+def test_wrong_type_names_key_and_value():
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", ["training.max_steps=abc"])
+    assert "training.max_steps" in str(err.value)
+    assert "'abc'" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, fix",
+    [
+        (["quantization.load_in_8bit=true"], "pick one"),
+        (["data.hub_dataset=rajpurkar/squad"], "set data.hub_dataset=null"),
+        (["data.max_seq_len=1024"], "lower data.max_seq_len"),
+        (["model.random_init.n_embd=250"], "divisible by n_head"),
+        (["training.fail_after_step=3"], "multiple of training.save_steps"),
+    ],
+)
+def test_bad_combinations_say_what_to_change(overrides, fix):
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", overrides)
+    assert fix in str(err.value)
+
+
+def test_malformed_override_and_missing_file():
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_config("demo", ["training.max_steps"])
+    with pytest.raises(ConfigError, match="not found; bundled configs: demo"):
+        load_config("no_such_config")
+
+
+def test_fingerprint_ignores_fault_injection_but_not_learning_rate():
+    base = load_config("demo")
+    assert load_config("demo", ["training.fail_after_step=20"]).fingerprint() == base.fingerprint()
+    assert load_config("demo", ["training.learning_rate=0.5"]).fingerprint() != base.fingerprint()
+
+
+def test_preflight_names_missing_local_inputs(tmp_path):
+    config = load_config("demo", [f"data.train_files=[{tmp_path}/missing.json]"])
+    with pytest.raises(ConfigError) as err:
+        preflight(config)
+    assert "data.train_files[0]" in str(err.value) and "missing.json" in str(err.value)
