@@ -54,4 +54,6 @@ def finetune(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008
             config.evaluation, config.registry, config.fingerprint(), str(flow_run.id),
             state, run_id,
         )
-        return report_run(run_id, config.short_name(), squad, lora, adapter, scores, registered)
+        return report_run(
+            run_id, config.short_name(), squad, tokenized, lora, adapter, scores, registered
+        )

@@ -61,11 +61,22 @@ class DataConfig(Section):
     eval_split: str = Field("validation", description="Hub split used for held-out evaluation.")
     train_files: list[str] = Field(
         default_factory=list,
-        description="Local SQuAD JSON/JSON.gz files (v1.1 or v2.0 layout) used instead of the hub.",
+        description="Local files used instead of the hub: SQuAD JSON/JSON.gz (v1.1 or v2.0 "
+        "layout), or Parquet/JSON Lines in the hub's flat schema.",
     )
     eval_files: list[str] = Field(
         default_factory=list,
         description="Local held-out files. Empty: train_files are split by article title.",
+    )
+    squad_v2: bool | None = Field(
+        None,
+        description="Allow unanswerable questions (no gold answer). Null: from the JSON 'version' "
+        "field or a hub id containing 'v2'; flat files count as v1.1.",
+    )
+    refusal_answer: str = Field(
+        "I specialize only in content related queries",
+        min_length=1,
+        description="What the model is trained to answer to an unanswerable (v2.0) question.",
     )
     heldout_fraction: float = Field(
         0.1,
@@ -87,7 +98,14 @@ class DataConfig(Section):
         le=1,
         description="The data stage fails when more than this share of records is malformed.",
     )
-    seed: int = Field(42, description="Seed of the article split.")
+    seed: int = Field(42, description="Seed of the article split and of max_train_samples.")
+    num_proc: int | None = Field(
+        None,
+        ge=1,
+        description="Tokenizer processes; null picks by data size (1 below 20,000 examples).",
+    )
+
+    not_in_cache_key = frozenset({"num_proc"})
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import task
 
 from pipeline_config import DataConfig, ModelConfig
-from tasks.chat_format import add_chat_tokens, encode_example, format_fingerprint
+from tasks.chat_format import END, ChatEncoder, add_chat_tokens, format_fingerprint
 from tasks.load_squad import sha256_file
 from tasks.stage import Stage, StageOutput, upstream_keys
 
-STAGE = Stage("tokenized", version="1", required=("train", "eval", "tokenizer"))
+STAGE = Stage("tokenized", version="2", required=("train", "eval", "tokenizer"))
 
 
 def load_tokenizer(source: str, revision: str | None = None):
@@ -34,50 +38,111 @@ def chat_tokenizer(model: ModelConfig):
     return tokenizer, new_ids
 
 
-def tokenize_split(dataset, tokenizer, max_len: int, drop_outside: bool):
-    """Map a SQuAD split to id/input_ids/labels/length, the first gold answer as target."""
+def token_features():
+    from datasets import Features, Sequence, Value
 
-    def encode(batch: dict[str, list]) -> dict[str, list]:
-        out: dict[str, list] = {
-            "id": batch["id"], "input_ids": [], "labels": [], "length": [], "truncated": [],
-            "keep": [],
+    return Features(
+        {
+            "id": Value("string"),
+            "input_ids": Sequence(Value("int32")),
+            "labels": Sequence(Value("int32")),
+            "length": Value("int32"),
+            "truncated": Value("bool"),
+            "drop": Value("string"),
         }
-        for context, question, answers in zip(
-            batch["context"], batch["question"], batch["answers"], strict=True
-        ):
-            enc = encode_example(
-                tokenizer,
-                context,
-                question,
-                answers["text"][0],
-                answers["answer_start"][0],
-                max_len,
-            )
-            out["input_ids"].append(enc.input_ids)
-            out["labels"].append(enc.labels)
-            out["length"].append(len(enc.input_ids))
-            out["truncated"].append(enc.context_truncated)
-            out["keep"].append(enc.answer_in_window or not drop_outside)
-        return out
-
-    mapped = dataset.map(
-        encode, batched=True, remove_columns=dataset.column_names, desc="tokenizing"
     )
-    stats = {
-        "examples": len(mapped),
-        "truncated": int(sum(mapped["truncated"])),
-        "answer_outside_window": int(len(mapped) - sum(mapped["keep"])),
+
+
+def mask_prompts(ids: pa.ListArray, prompt_length: np.ndarray) -> pa.ListArray:
+    """Labels: the ids with every prompt position set to -100 (vectorized over the batch)."""
+    offsets = ids.offsets.to_numpy()
+    flat = ids.values.to_numpy().copy()
+    row = np.repeat(np.arange(len(ids)), np.diff(offsets))
+    position = np.arange(len(flat)) - offsets[row]
+    flat[position < prompt_length[row]] = -100
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, pa.int32()))
+
+
+def encode_batch(batch: pa.Table, encoder: ChatEncoder, max_len: int, refusal: str) -> pa.Table:
+    """One `Dataset.map` batch, Arrow in and out: the first gold answer (or the refusal) is the
+    target; `drop` names why a training example cannot be learned."""
+    answers = batch.column("answers").combine_chunks()
+    texts = answers.field("text").to_pylist()
+    starts = answers.field("answer_start").to_pylist()
+    out = encoder.examples(
+        batch.column("context").to_pylist(),
+        batch.column("question").to_pylist(),
+        [t[0] if t else refusal for t in texts],
+        [s[0] if t else None for t, s in zip(texts, starts, strict=True)],
+        max_len,
+    )
+    ids = pa.array(out["input_ids"], type=pa.list_(pa.int32()))
+    return pa.table(
+        {
+            "id": batch.column("id"),
+            "input_ids": ids,
+            "labels": mask_prompts(ids, np.asarray(out["prompt_length"])),
+            "length": pc.list_value_length(ids).cast(pa.int32()),
+            "truncated": pa.array(out["truncated"], type=pa.bool_()),
+            "drop": pa.array(out["drop"], type=pa.string()),
+        }
+    )
+
+
+def default_num_proc(rows: int) -> int:
+    return 1 if rows < 20_000 else max(1, min(4, os.cpu_count() or 1))
+
+
+def tokenize_split(dataset, tokenizer, data: DataConfig, drop: bool):
+    """Map a SQuAD split to id/input_ids/labels/length; training drops what cannot be learned."""
+    from datasets import Dataset
+
+    num_proc = data.num_proc or default_num_proc(len(dataset))
+    mapped = dataset.with_format("arrow").map(
+        encode_batch,
+        fn_kwargs={
+            "encoder": ChatEncoder(tokenizer),
+            "max_len": data.max_seq_len,
+            "refusal": data.refusal_answer,
+        },
+        batched=True,
+        batch_size=4000,
+        num_proc=num_proc if num_proc > 1 else None,
+        remove_columns=dataset.column_names,
+        features=token_features(),
+        keep_in_memory=True,
+        new_fingerprint=f"chat-{len(dataset)}-{data.max_seq_len}-{format_fingerprint()}",
+        desc="chat format + tokenize",
+    )
+    table = mapped.data.table
+    reasons = Counter(r for r in table.column("drop").to_pylist() if r)
+    stats: dict[str, Any] = {
+        "examples": table.num_rows,
+        "truncated": int(pc.sum(table.column("truncated")).as_py() or 0),
+        "dropped": dict(reasons) if drop else {},
+        "would_drop": dict(reasons),
     }
-    if drop_outside:
-        mapped = mapped.filter(lambda keep: keep, input_columns="keep")
-    mapped = mapped.remove_columns(["truncated", "keep"])
-    lengths = np.asarray(mapped["length"]) if len(mapped) else np.zeros(1)
-    stats["kept"] = len(mapped)
-    stats["length_percentiles"] = {
-        str(p): int(np.percentile(lengths, p)) for p in (0, 50, 90, 99, 100)
-    }
-    stats["tokens"] = int(lengths.sum())
-    return mapped, stats
+    if drop and reasons:
+        table = table.filter(pc.is_null(table.column("drop")))
+    table = table.drop_columns(["truncated", "drop"])
+    lengths = table.column("length")
+    labels = pc.list_flatten(table.column("labels"))
+    stats.update(
+        kept=table.num_rows,
+        tokens=int(pc.sum(lengths).as_py() or 0),
+        supervised_tokens=int(pc.sum(pc.not_equal(labels, -100)).as_py() or 0),
+        padding_tokens=0,
+        length_percentiles={
+            f"p{p}": int(v)
+            for p, v in zip(
+                (0, 50, 90, 99, 100),
+                np.percentile(lengths.to_numpy(), [0, 50, 90, 99, 100]) if table.num_rows
+                else [0] * 5,
+                strict=True,
+            )
+        },
+    )
+    return Dataset(table), stats
 
 
 def build(squad: StageOutput, data: DataConfig, model: ModelConfig, out: Path) -> dict[str, Any]:
@@ -88,16 +153,18 @@ def build(squad: StageOutput, data: DataConfig, model: ModelConfig, out: Path) -
     stats = {}
     for split in ("train", "eval"):
         ds = load_from_disk(str(squad.dir / split))
-        # Held-out examples keep their (possibly answer-less) truncation: evaluation scores them.
-        mapped, stats[split] = tokenize_split(ds, tokenizer, data.max_seq_len, split == "train")
+        # Held-out examples are all kept: evaluation answers every one of them.
+        mapped, stats[split] = tokenize_split(ds, tokenizer, data, drop=split == "train")
         mapped.save_to_disk(str(out / split))
     return {
         "new_token_ids": new_ids,
         "vocab_size": len(tokenizer),
-        "stop_token_id": tokenizer.convert_tokens_to_ids("<|end|>"),
+        "stop_token_id": tokenizer.convert_tokens_to_ids(END),
         "pad_token_id": tokenizer.pad_token_id,
         "max_seq_len": data.max_seq_len,
+        "refusal_answer": data.refusal_answer,
         "format_fingerprint": format_fingerprint(),
+        "tokenizer": tokenizer_identity(model),
         "splits": stats,
     }
 
@@ -112,7 +179,11 @@ def tokenizer_identity(model: ModelConfig) -> dict[str, Any]:
 
 def stage_key(squad: StageOutput, data: DataConfig, model: ModelConfig, **_: Any) -> str:
     return STAGE.key(
-        upstream_keys(squad), data.max_seq_len, tokenizer_identity(model), format_fingerprint()
+        upstream_keys(squad),
+        data.max_seq_len,
+        data.refusal_answer,
+        tokenizer_identity(model),
+        format_fingerprint(),
     )
 
 

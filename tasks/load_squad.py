@@ -1,10 +1,17 @@
-"""Stage 1: SQuAD from the hub or local JSON files, validated, in the hub's flat schema."""
+"""Stage 1: SQuAD v1.1/v2.0 from the hub or local files, validated, in the hub's flat schema.
+
+Every record is checked; bad ones go to `rejected.jsonl` with their reason and are counted, and the
+stage fails only when their share passes `data.max_bad_fraction`. A file that cannot be read as
+SQuAD at all fails at once, naming the file and the problem.
+"""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
 import json
+import logging
+import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -15,8 +22,10 @@ from prefect import task
 from pipeline_config import DataConfig, InputError
 from tasks.stage import Stage, StageOutput, write_json
 
-STAGE = Stage("squad", version="1", required=("train", "eval"))
+STAGE = Stage("squad", version="2", required=("train", "eval", "rejected.jsonl"))
 COLUMNS = ("id", "title", "context", "question", "answers")
+FLAT_SUFFIXES = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+log = logging.getLogger(__name__)
 
 
 class DataError(InputError):
@@ -26,16 +35,14 @@ class DataError(InputError):
 def features():
     from datasets import Features, Sequence, Value
 
+    answers = {"text": Sequence(Value("string")), "answer_start": Sequence(Value("int32"))}
     return Features(
         {
             "id": Value("string"),
             "title": Value("string"),
             "context": Value("string"),
             "question": Value("string"),
-            "answers": {
-                "text": Sequence(Value("string")),
-                "answer_start": Sequence(Value("int32")),
-            },
+            "answers": answers,
         }
     )
 
@@ -55,20 +62,62 @@ def local_path(path: str, field: str) -> Path:
     return resolved
 
 
+def hub_revision(cfg: DataConfig) -> str | None:
+    """The pinned revision, or the hub's current commit when online (None when it cannot say)."""
+    if cfg.hub_revision or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return cfg.hub_revision
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(cfg.hub_dataset).sha
+    except Exception as exc:  # offline or unknown: cache on the name alone, and say so
+        log.warning("cannot resolve the revision of %s (%s); pin data.hub_revision",
+                    cfg.hub_dataset, exc)
+        return None
+
+
 def source_identity(cfg: DataConfig) -> dict[str, Any]:
     """What the data is, for cache keys: each local file's sha256, or hub id and revision."""
     if cfg.train_files:
         return {
-            "train_files": [
-                sha256_file(local_path(p, "data.train_files")) for p in cfg.train_files
-            ],
-            "eval_files": [sha256_file(local_path(p, "data.eval_files")) for p in cfg.eval_files],
+            field: [sha256_file(local_path(p, f"data.{field}")) for p in getattr(cfg, field)]
+            for field in ("train_files", "eval_files")
         }
-    return {"hub_dataset": cfg.hub_dataset, "hub_revision": cfg.hub_revision}
+    return {"hub_dataset": cfg.hub_dataset, "hub_revision": hub_revision(cfg)}
 
 
-def read_squad_json(path: Path) -> list[dict[str, Any]]:
-    """Flatten a SQuAD v1.1/v2.0 JSON (or .json.gz) file into hub-schema rows."""
+def _flat_record(raw: Any, title: str | None = None, flat: bool = True) -> dict[str, Any]:
+    """A raw record (SQuAD JSON qa, or a flat row) in the hub schema.
+
+    `unanswerable` is the v2.0 JSON's `is_impossible`; flat rows (hub, Parquet, JSON Lines) carry
+    no such flag, so an empty answer list is what marks them unanswerable.
+    """
+    if not isinstance(raw, dict):
+        return {"id": None, "_bad": f"not an object: a {type(raw).__name__}"}
+    answers = raw.get("answers")
+    if isinstance(answers, list):  # SQuAD JSON: a list of {text, answer_start}
+        try:
+            texts = [a["text"] for a in answers]
+            starts = [a["answer_start"] for a in answers]
+        except (KeyError, TypeError):
+            return {"id": raw.get("id"), "_bad": "malformed answers: not {text, answer_start}"}
+    elif isinstance(answers, dict):  # hub schema: {text: [...], answer_start: [...]}
+        texts, starts = answers.get("text"), answers.get("answer_start")
+    else:
+        return {"id": raw.get("id"), "_bad": "malformed answers: no 'answers' field"}
+    return {
+        "id": raw.get("id"),
+        "title": raw.get("title", title) or "",
+        "context": raw.get("context"),
+        "question": raw.get("question"),
+        "answers": {"text": texts, "answer_start": starts},
+        "unanswerable": bool(raw.get("is_impossible")),
+        "flat": flat,
+    }
+
+
+def read_squad_json(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """Flatten a SQuAD v1.1/v2.0 JSON (or .json.gz) file; returns rows and whether it is v2."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", encoding="utf-8") as fh:
@@ -79,31 +128,68 @@ def read_squad_json(path: Path) -> list[dict[str, Any]]:
         raise DataError(f"{path}: no top-level 'data' list; expected the SQuAD layout")
     rows = []
     for a_idx, article in enumerate(doc["data"]):
-        try:
-            for paragraph in article["paragraphs"]:
-                for qa in paragraph["qas"]:
-                    answers = [] if qa.get("is_impossible") else qa.get("answers", [])
-                    rows.append(
-                        {
-                            "id": str(qa["id"]),
-                            "title": str(article.get("title", "")),
-                            "context": paragraph["context"],
-                            "question": qa["question"],
-                            "answers": {
-                                "text": [a["text"] for a in answers],
-                                "answer_start": [int(a["answer_start"]) for a in answers],
-                            },
-                        }
-                    )
-        except (KeyError, TypeError, ValueError) as exc:
+        paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
+        if not isinstance(paragraphs, list):
             raise DataError(
-                f"{path}: article {a_idx} is not in the SQuAD layout (missing or bad {exc})"
-            ) from exc
+                f"{path}: article {a_idx} has no 'paragraphs' list; expected the SQuAD layout"
+            )
+        for p_idx, paragraph in enumerate(paragraphs):
+            qas = paragraph.get("qas") if isinstance(paragraph, dict) else None
+            if not isinstance(qas, list):
+                raise DataError(f"{path}: article {a_idx} paragraph {p_idx} has no 'qas' list")
+            for qa in qas:
+                row = _flat_record(qa, str(article.get("title", "")), flat=False)
+                row["context"] = paragraph.get("context")
+                rows.append(row)
+    return rows, str(doc.get("version", "")).lstrip("v").startswith("2")
+
+
+def read_flat(path: Path, kind: str) -> list[dict[str, Any]]:
+    """Rows of a Parquet or JSON Lines file in the hub's flat schema."""
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:
+            raise DataError(f"{path}: not a readable Parquet file ({exc})") from exc
+        missing = {"id", "context", "question", "answers"} - set(table.column_names)
+        if missing:
+            raise DataError(f"{path}: no column(s) {sorted(missing)}; expected {list(COLUMNS)}")
+        return [_flat_record(r) for r in table.to_pylist()]
+    rows = []
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        rows.append(_flat_record(json.loads(line)))
+                    except json.JSONDecodeError as exc:
+                        raise DataError(f"{path}: line {n} is not JSON ({exc.msg})") from exc
+    except (OSError, UnicodeDecodeError, EOFError) as exc:
+        raise DataError(f"{path}: not a readable JSON Lines file ({exc})") from exc
     return rows
 
 
-def check_record(row: dict[str, Any], seen: set[str]) -> str | None:
+def read_file(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    suffixes = [s.lower() for s in path.suffixes]
+    kind = next((FLAT_SUFFIXES[s] for s in suffixes if s in FLAT_SUFFIXES), None)
+    if kind:
+        return read_flat(path, kind), False
+    if ".json" in suffixes:
+        return read_squad_json(path)
+    raise DataError(
+        f"{path}: unknown file type; use .json/.json.gz (SQuAD layout), .parquet or .jsonl"
+    )
+
+
+def check_record(row: dict[str, Any], seen: set[str], squad_v2: bool) -> str | None:
     """The reason a record is unusable, or None."""
+    if row.get("_bad"):
+        return row["_bad"]
+    if not isinstance(row["id"], str) or not row["id"]:
+        return "missing id"
     if row["id"] in seen:
         return "duplicate id"
     if not isinstance(row["context"], str) or not row["context"].strip():
@@ -111,32 +197,51 @@ def check_record(row: dict[str, Any], seen: set[str]) -> str | None:
     if not isinstance(row["question"], str) or not row["question"].strip():
         return "empty question"
     texts, starts = row["answers"]["text"], row["answers"]["answer_start"]
+    if not isinstance(texts, list) or not isinstance(starts, list) or len(texts) != len(starts):
+        return "malformed answers: text and answer_start are not lists of one length"
+    if row["unanswerable"] and texts:
+        return "marked unanswerable but has answers"
     if not texts:
-        return "no answer"
+        allowed = squad_v2 and (row["unanswerable"] or row["flat"])
+        return None if allowed else "no answer"
     for text, start in zip(texts, starts, strict=True):
+        if not isinstance(text, str) or not text.strip():
+            return "empty answer text"
+        if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+            return f"bad answer_start: {start!r} is not a non-negative integer"
         if row["context"][start : start + len(text)] != text:
-            return f"answer {text!r} not found at answer_start={start}"
+            return f"answer not in context at answer_start: {text[:40]!r} at {start}"
     return None
 
 
-def validate(rows: list[dict[str, Any]], split: str, max_bad: float) -> tuple[list, list]:
+def validate(
+    rows: list[dict[str, Any]], split: str, squad_v2: bool, max_bad: float
+) -> tuple[list[dict], list[dict]]:
+    """Good rows in the hub schema, and one rejection record per bad row."""
     seen: set[str] = set()
     good, bad = [], []
-    for row in rows:
-        reason = check_record(row, seen)
-        seen.add(row["id"])
+    for n, row in enumerate(rows):
+        reason = check_record(row, seen, squad_v2)
+        if isinstance(row.get("id"), str):
+            seen.add(row["id"])
         if reason:
-            bad.append({"split": split, "id": row["id"], "reason": reason})
+            bad.append({"split": split, "row": n, "id": row.get("id"), "reason": reason})
         else:
-            good.append(row)
+            good.append({k: row[k] for k in COLUMNS})
     if rows and len(bad) / len(rows) > max_bad:
-        reasons = Counter(b["reason"].split(" '")[0] for b in bad).most_common(3)
+        reasons = Counter(reason_kind(b["reason"]) for b in bad).most_common(3)
+        examples = "; ".join(f"id {b['id']!r}: {b['reason']}" for b in bad[:3])
         raise DataError(
             f"{split}: {len(bad)} of {len(rows)} records are malformed, over "
-            f"data.max_bad_fraction={max_bad} (most common: {reasons}); fix the data or raise "
-            "data.max_bad_fraction"
+            f"data.max_bad_fraction={max_bad}. Most common: {reasons}. For example {examples}. "
+            "Fix the data or raise data.max_bad_fraction"
         )
     return good, bad
+
+
+def reason_kind(reason: str) -> str:
+    """The reason without its record-specific details (after ':'), for counting."""
+    return reason.split(":")[0]
 
 
 def split_by_article(rows: list[dict], fraction: float, seed: int) -> tuple[list, list, list]:
@@ -154,33 +259,53 @@ def split_by_article(rows: list[dict], fraction: float, seed: int) -> tuple[list
     )
 
 
-def read_hub(cfg: DataConfig, split: str) -> list[dict[str, Any]]:
+def read_hub(cfg: DataConfig, split: str, revision: str | None) -> list[dict[str, Any]]:
     from datasets import load_dataset
 
-    ds = load_dataset(cfg.hub_dataset, revision=cfg.hub_revision, split=split)
+    ds = load_dataset(cfg.hub_dataset, revision=revision, split=split)
     missing = set(COLUMNS) - set(ds.column_names)
     if missing:
         raise DataError(f"hub dataset {cfg.hub_dataset}: no column(s) {sorted(missing)}")
-    return ds.select_columns(list(COLUMNS)).to_list()
+    return [_flat_record(r) for r in ds.select_columns(list(COLUMNS))]
+
+
+def read_local(paths: list[str], field: str) -> tuple[list[dict[str, Any]], bool]:
+    rows, v2 = [], False
+    for p in paths:
+        file_rows, file_v2 = read_file(local_path(p, field))
+        rows.extend(file_rows)
+        v2 = v2 or file_v2
+    return rows, v2
 
 
 def build(cfg: DataConfig, out: Path) -> dict[str, Any]:
     """Read, validate, split and save both splits as Arrow; returns the manifest."""
     from datasets import Dataset
 
-    heldout_titles: list[str] = []
+    split_info: dict[str, Any] = {}
     if cfg.train_files:
-        train = [r for p in cfg.train_files for r in read_squad_json(local_path(p, "data"))]
-        if cfg.eval_files:
-            held = [r for p in cfg.eval_files for r in read_squad_json(local_path(p, "data"))]
-        else:
-            train, held, heldout_titles = split_by_article(train, cfg.heldout_fraction, cfg.seed)
+        train, v2 = read_local(cfg.train_files, "data.train_files")
+        held, eval_v2 = read_local(cfg.eval_files, "data.eval_files")
+        v2 = v2 or eval_v2
     else:
-        train, held = read_hub(cfg, cfg.train_split), read_hub(cfg, cfg.eval_split)
-    train, bad_train = validate(train, "train", cfg.max_bad_fraction)
-    held, bad_eval = validate(held, "eval", cfg.max_bad_fraction)
-    if cfg.max_train_samples is not None:
-        train = train[: cfg.max_train_samples]
+        revision = hub_revision(cfg)
+        train = read_hub(cfg, cfg.train_split, revision)
+        held = read_hub(cfg, cfg.eval_split, revision)
+        v2 = "v2" in (cfg.hub_dataset or "").lower()
+    squad_v2 = v2 if cfg.squad_v2 is None else cfg.squad_v2
+    train, bad_train = validate(train, "train", squad_v2, cfg.max_bad_fraction)
+    held, bad_eval = validate(held, "eval", squad_v2, cfg.max_bad_fraction)
+    if cfg.train_files and not cfg.eval_files:
+        train, held, titles = split_by_article(train, cfg.heldout_fraction, cfg.seed)
+        split_info = {
+            "by": "article",
+            "seed": cfg.seed,
+            "fraction": cfg.heldout_fraction,
+            "heldout_titles": titles,
+        }
+    if cfg.max_train_samples is not None and len(train) > cfg.max_train_samples:
+        keep = sorted(random.Random(cfg.seed).sample(range(len(train)), cfg.max_train_samples))
+        train = [train[i] for i in keep]
     rejected = bad_train + bad_eval
     with open(out / "rejected.jsonl", "w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in rejected)
@@ -188,16 +313,23 @@ def build(cfg: DataConfig, out: Path) -> dict[str, Any]:
         Dataset.from_list(rows, features=features()).save_to_disk(str(out / name))
     summary = {
         "source": source_identity(cfg),
+        "squad_v2": squad_v2,
+        "split": split_info,
         "counts": {"train": len(train), "eval": len(held)},
+        "unanswerable": {
+            "train": sum(not r["answers"]["text"] for r in train),
+            "eval": sum(not r["answers"]["text"] for r in held),
+        },
         "articles": {
             "train": len({r["title"] for r in train}),
             "eval": len({r["title"] for r in held}),
         },
-        "heldout_titles": heldout_titles,
         "rejected": {"train": len(bad_train), "eval": len(bad_eval)},
-        "rejected_reasons": dict(Counter(r["reason"].split(" '")[0] for r in rejected)),
+        "rejected_reasons": dict(Counter(reason_kind(r["reason"]) for r in rejected)),
     }
     write_json(out / "data_manifest.json", summary)
+    if rejected:
+        log.warning("%d malformed records rejected, see %s", len(rejected), out / "rejected.jsonl")
     return summary
 
 

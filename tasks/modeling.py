@@ -199,11 +199,16 @@ def generate_answers(
     batch_size: int,
     max_prompt_tokens: int | None = None,
     progress: bool = False,
+    truncate: bool = True,
 ) -> list[str]:
-    """Greedy answers, batched: prompts sorted by length, left-padded, stopped at `<|end|>`."""
+    """Greedy answers, batched: prompts sorted by length, left-padded, stopped at `<|end|>`.
+
+    A context too long for the context window is cut (as in training), or with `truncate=False`
+    refused with `PromptTooLong`.
+    """
     from tqdm.auto import tqdm
 
-    from tasks.chat_format import encode_prompt, stop_token_ids
+    from tasks.chat_format import ChatEncoder, stop_token_ids
 
     window = context_window(model)
     limit = window - max_new_tokens
@@ -214,8 +219,7 @@ def generate_answers(
             f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
             f"{window}-token context window"
         )
-    prompts = [encode_prompt(tokenizer, c, q, limit)[0] for c, q in zip(contexts, questions,
-                                                                         strict=True)]
+    prompts = ChatEncoder(tokenizer).prompts(list(contexts), list(questions), limit, truncate)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     stops = stop_token_ids(tokenizer)
     device = next(model.parameters()).device

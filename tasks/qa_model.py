@@ -43,6 +43,7 @@ class SquadQAModel(mlflow.pyfunc.PythonModel):
         self.generation = settings["generation"]
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
+        from tasks.chat_format import PromptTooLong
         from tasks.modeling import generate_answers
 
         if not isinstance(model_input, pd.DataFrame):
@@ -58,15 +59,19 @@ class SquadQAModel(mlflow.pyfunc.PythonModel):
             if empty:
                 raise bad_request(f"empty {column!r} in row(s) {empty[:10]}; send non-empty text")
         options = {**self.generation, **(params or {})}
-        answers = generate_answers(
-            self.model,
-            self.tokenizer,
-            list(model_input["context"]),
-            list(model_input["question"]),
-            max_new_tokens=int(options["max_new_tokens"]),
-            batch_size=int(options["batch_size"]),
-            max_prompt_tokens=options.get("max_prompt_tokens"),
-        )
+        try:
+            answers = generate_answers(
+                self.model,
+                self.tokenizer,
+                list(model_input["context"]),
+                list(model_input["question"]),
+                max_new_tokens=int(options["max_new_tokens"]),
+                batch_size=int(options["batch_size"]),
+                max_prompt_tokens=options.get("max_prompt_tokens"),
+                truncate=False,  # a served answer from a silently cut context would mislead
+            )
+        except (PromptTooLong, ValueError) as exc:
+            raise bad_request(str(exc)) from exc
         return pd.DataFrame({"answer": answers})
 
 

@@ -30,11 +30,28 @@ def backfill_training(run_id: str, train: StageOutput) -> int:
     return sent
 
 
+def data_metrics(squad: StageOutput, tokenized: StageOutput) -> dict[str, float]:
+    """Counts of what the data stages read, rejected, cut and dropped."""
+    train = tokenized.manifest["splits"]["train"]
+    return {
+        "data/train_examples": squad.manifest["counts"]["train"],
+        "data/eval_examples": squad.manifest["counts"]["eval"],
+        "data/rejected_train": squad.manifest["rejected"]["train"],
+        "data/rejected_eval": squad.manifest["rejected"]["eval"],
+        "data/truncated_train": train["truncated"],
+        "data/dropped_train": sum(train["dropped"].values()),
+        "data/train_tokens": train["tokens"],
+        "data/train_length_p50": train["length_percentiles"]["p50"],
+        "data/train_length_p99": train["length_percentiles"]["p99"],
+    }
+
+
 @task(name="report_run")
 def report_run(
     run_id: str,
     run_name: str,
     squad: StageOutput,
+    tokenized: StageOutput,
     lora: StageOutput,
     train: StageOutput,
     evaluation: StageOutput,
@@ -45,6 +62,9 @@ def report_run(
 
     client = mlflow.MlflowClient()
     client.log_dict(run_id, squad.manifest, "data/data_manifest.json")
+    client.log_dict(run_id, tokenized.manifest, "data/tokenized_manifest.json")
+    if any(squad.manifest["rejected"].values()):
+        client.log_artifact(run_id, str(squad.dir / "rejected.jsonl"), "data")
     client.log_artifact(run_id, str(evaluation.dir / "predictions.jsonl"), "eval")
     backfill_training(run_id, train)
     metrics = evaluation.manifest["metrics"]
@@ -55,8 +75,7 @@ def report_run(
             "eval/f1": metrics["f1"],
             "params/trainable": lora.manifest["parameters"]["trainable"],
             "params/total": lora.manifest["parameters"]["total"],
-            "data/train_examples": squad.manifest["counts"]["train"],
-            "data/eval_examples": squad.manifest["counts"]["eval"],
+            **data_metrics(squad, tokenized),
             "adapter/bytes": train.manifest["adapter_bytes"],
         },
         step=train.manifest["global_step"],

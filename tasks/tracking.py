@@ -28,7 +28,6 @@ def local_defaults(state_dir: str | Path) -> Path:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "DO_NOT_TRACK": "1",
-        "TOKENIZERS_PARALLELISM": "false",
     }
     for name, value in defaults.items():
         os.environ.setdefault(name, value)

@@ -40,7 +40,11 @@ def test_flow_registers_a_servable_candidate_then_reruns_from_cache(config):
     assert run.data.metrics["eval/f1"] == pytest.approx(summary["f1"], abs=0.01)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "config")}
     artifacts |= {a.path for a in client.list_artifacts(run.info.run_id, "data")}
-    assert {"config/resolved_config.yaml", "data/data_manifest.json"} <= artifacts
+    assert {
+        "config/resolved_config.yaml", "data/data_manifest.json", "data/tokenized_manifest.json"
+    } <= artifacts
+    assert run.data.metrics["data/rejected_train"] == 0
+    assert run.data.metrics["data/train_examples"] > run.data.metrics["data/dropped_train"]
 
     model = mlflow.pyfunc.load_model("models:/squadtune-test@candidate")
     answers = model.predict(

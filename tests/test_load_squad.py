@@ -51,7 +51,7 @@ def test_malformed_records_are_reported_not_dropped_silently(tmp_path):
     rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
     reasons = {r["id"]: r["reason"] for r in rejected if r["split"] == "train"}
     assert reasons["b1"] == "empty question"
-    assert reasons["b2"].startswith("answer 'Other' not found at answer_start=0")
+    assert reasons["b2"] == "answer not in context at answer_start: 'Other' at 0"
     assert reasons["q1"] == "duplicate id"
     assert reasons["b4"] == "no answer"
     assert manifest["rejected"]["train"] == 4
@@ -62,8 +62,10 @@ def test_too_many_bad_records_fail_with_threshold_named(tmp_path):
     arts = good_articles(3) + [article("Bad", "ctx", [qa("x", "q?", "nope", 0)])]
     path = write_squad(tmp_path / "bad.json", arts)
     cfg = DataConfig(hub_dataset=None, train_files=[str(path)], eval_files=[str(path)])
-    with pytest.raises(DataError, match="data.max_bad_fraction=0.01"):
+    with pytest.raises(DataError) as err:
         load_squad.build(cfg, tmp_path)
+    assert "1 of 4 records are malformed, over data.max_bad_fraction=0.01" in str(err.value)
+    assert "id 'x': answer not in context" in str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -71,14 +73,14 @@ def test_too_many_bad_records_fail_with_threshold_named(tmp_path):
     [
         (b"{not json", "not a readable SQuAD JSON file"),
         (json.dumps({"version": "1.1"}).encode(), "no top-level 'data' list"),
-        (json.dumps({"data": [{"title": "x"}]}).encode(), "article 0 is not in the SQuAD layout"),
+        (json.dumps({"data": [{"title": "x"}]}).encode(), "article 0 has no 'paragraphs' list"),
     ],
 )
 def test_unreadable_or_misshaped_file_names_file(tmp_path, content, problem):
     path = tmp_path / "broken.json"
     path.write_bytes(content)
     with pytest.raises(DataError) as err:
-        load_squad.read_squad_json(path)
+        load_squad.read_file(path)
     assert str(path) in str(err.value) and problem in str(err.value)
 
 
@@ -87,7 +89,7 @@ def test_truncated_gzip_is_reported(tmp_path):
     path = tmp_path / "cut.json.gz"
     path.write_bytes(blob[: len(blob) // 2])
     with pytest.raises(DataError, match="cut.json.gz"):
-        load_squad.read_squad_json(path)
+        load_squad.read_file(path)
 
 
 def test_source_identity_follows_file_content(tmp_path):
@@ -96,3 +98,88 @@ def test_source_identity_follows_file_content(tmp_path):
     first = load_squad.stage_key(cfg)
     write_squad(path, good_articles(11))
     assert load_squad.stage_key(cfg) != first
+
+
+def flat_rows():
+    return [
+        {"id": f"f{i}", "title": f"T{i % 3}", "context": "Paris is in France.",
+         "question": "Where is Paris?", "answers": {"text": ["France"], "answer_start": [12]}}
+        for i in range(6)
+    ]
+
+
+def test_parquet_and_jsonl_in_hub_schema(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = flat_rows()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    cfg = DataConfig(hub_dataset=None, train_files=[str(tmp_path / "train.parquet")],
+                     eval_files=[str(tmp_path / "eval.jsonl")])
+    out = tmp_path / "out"
+    out.mkdir()
+    manifest = load_squad.build(cfg, out)
+    assert manifest["counts"] == {"train": 6, "eval": 2}
+    digest = load_squad.sha256_file(tmp_path / "train.parquet")
+    assert manifest["source"]["train_files"][0] == digest
+
+
+def test_flat_file_problems_name_file_and_line(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"id": "a", "text": "x"}]), tmp_path / "cols.parquet")
+    with pytest.raises(DataError, match=r"cols.parquet: no column\(s\) \['answers', 'context'"):
+        load_squad.read_file(tmp_path / "cols.parquet")
+    (tmp_path / "bad.jsonl").write_text(json.dumps(flat_rows()[0]) + "\n{oops\n")
+    with pytest.raises(DataError, match="bad.jsonl: line 2 is not JSON"):
+        load_squad.read_file(tmp_path / "bad.jsonl")
+    (tmp_path / "data.csv").write_text("id,context\n")
+    with pytest.raises(DataError, match="unknown file type"):
+        load_squad.read_file(tmp_path / "data.csv")
+
+
+def test_v2_unanswerable_allowed_only_where_marked(tmp_path):
+    ctx = "Some context here."
+    v2_qas = [
+        {"id": "ok", "question": "Q?", "answers": [], "is_impossible": True},
+        {"id": "no_answer", "question": "Q?", "answers": [], "is_impossible": False},
+        {"id": "both", "question": "Q?", "is_impossible": True,
+         "answers": [{"text": "Some", "answer_start": 0}]},
+    ]
+    path = write_squad(tmp_path / "v2.json", [article("A", ctx, v2_qas)], version="v2.0")
+    rows, v2 = load_squad.read_file(path)
+    assert v2
+    good, bad = load_squad.validate(rows, "train", squad_v2=True, max_bad=1.0)
+    assert [r["id"] for r in good] == ["ok"]
+    assert {b["id"]: b["reason"] for b in bad} == {
+        "no_answer": "no answer", "both": "marked unanswerable but has answers",
+    }
+    # The same unanswerable question in a v1.1 file is a malformed record.
+    v1 = write_squad(tmp_path / "v1.json", [article("A", ctx, v2_qas[:1])])
+    rows, v2 = load_squad.read_file(v1)
+    assert not v2
+    assert load_squad.validate(rows, "train", squad_v2=False, max_bad=1.0)[1][0]["reason"] == (
+        "no answer"
+    )
+
+
+@pytest.mark.parametrize(
+    "qa_record, reason",
+    [
+        ({"question": "Q?", "answers": []}, "missing id"),
+        ({"id": "a", "question": "Q?", "answers": [{"text": "Some"}]}, "malformed answers"),
+        ({"id": "a", "question": "Q?", "answers": [{"text": "Some", "answer_start": "0"}]},
+         "bad answer_start"),
+        ({"id": "a", "question": "Q?", "answers": [{"text": " ", "answer_start": 0}]},
+         "empty answer text"),
+        ({"id": "a", "question": "   ", "answers": [{"text": "Some", "answer_start": 0}]},
+         "empty question"),
+    ],
+)
+def test_each_malformed_record_kind(tmp_path, qa_record, reason):
+    path = write_squad(tmp_path / "one.json", [article("A", "Some context.", [qa_record])])
+    rows, _ = load_squad.read_file(path)
+    _, bad = load_squad.validate(rows, "train", squad_v2=False, max_bad=1.0)
+    assert load_squad.reason_kind(bad[0]["reason"]) == reason

@@ -1,0 +1,177 @@
+"""Data stage throughput against the seed recipe's preprocessing, same data, same run.
+
+    .venv/bin/python bench/data.py [--squad ../shared/data/squad/dev-v1.1.json.gz]
+
+Both start from the flattened SQuAD dev set (10,570 questions) and the real GPT-2 tokenizer with the
+chat tokens, and end with an Arrow dataset saved to disk:
+
+* seed: `Dataset.map(batched=False)`, the prompt and the answer tokenized separately, each padded to
+  512 tokens (the seed recipe's preprocessing, defects included);
+* squadtune: `format_and_tokenize`'s batched chat encoder, nothing padded.
+
+Each is timed --repeat times and its fastest run counts (the machine's other load only ever slows a
+run down). Then the two stages run twice as a Prefect flow, and the second (cached) run's time is
+reported. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared" / "data"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def seed_recipe(dataset, tokenizer, out: Path) -> dict:
+    from tasks.chat_format import CONTENT_ACK, GREETING, SYSTEM_PROMPT
+
+    tokenizer.pad_token = tokenizer.eos_token
+
+    def preprocess(example):
+        prompt = (
+            f"<|system|> {SYSTEM_PROMPT} <|end|>\n<|assistant|> {GREETING} <|end|>\n"
+            f"<|user|> {example['context']} <|end|>\n<|assistant|> {CONTENT_ACK} <|end|>\n"
+            f"<|user|> {example['question']} <|end|>\n<|assistant|> "
+        )
+        answer = example["answers"]["text"][0]
+        inputs = tokenizer(
+            prompt + answer + " <|end|>", padding="max_length", max_length=512, truncation=True
+        )
+        labels = tokenizer(answer, padding="max_length", max_length=512, truncation=True)
+        inputs["labels"] = labels["input_ids"]
+        return inputs
+
+    start = time.perf_counter()
+    mapped = dataset.map(
+        preprocess, batched=False, remove_columns=dataset.column_names, keep_in_memory=True
+    )
+    mapped.save_to_disk(str(out))
+    seconds = time.perf_counter() - start
+    import pyarrow.compute as pc
+
+    mask = pc.list_flatten(mapped.data.column("attention_mask"))
+    return {
+        "seconds": seconds,
+        "examples": len(mapped),
+        "bytes": dir_bytes(out),
+        "padding_share": 1 - pc.sum(mask).as_py() / len(mask),
+    }
+
+
+def squadtune_stage(dataset, tokenizer, out: Path, num_proc: int) -> dict:
+    from pipeline_config import DataConfig
+    from tasks.format_tokenize import tokenize_split
+
+    data = DataConfig(hub_dataset=None, train_files=["unused"], max_seq_len=512, num_proc=num_proc)
+    start = time.perf_counter()
+    mapped, stats = tokenize_split(dataset, tokenizer, data, drop=True)
+    mapped.save_to_disk(str(out))
+    seconds = time.perf_counter() - start
+    return {
+        "seconds": seconds,
+        "examples": len(dataset),
+        "kept": len(mapped),
+        "bytes": dir_bytes(out),
+        "padding_share": stats["padding_tokens"] / stats["tokens"],
+    }
+
+
+def cached_rerun(squad_file: Path, work: Path) -> dict:
+    """Both data stages as a Prefect flow, twice; the second run is all cache hits."""
+    from tasks.tracking import local_defaults
+
+    local_defaults(work / "state")
+    from prefect import flow
+
+    from pipeline_config import DataConfig, ModelConfig
+    from tasks.format_tokenize import format_and_tokenize
+    from tasks.load_squad import load_squad
+
+    data = DataConfig(hub_dataset=None, train_files=[str(squad_file)])
+    model = ModelConfig(name_or_path=None, tokenizer=str(SHARED / "gpt2-tokenizer"),
+                        random_init={})
+
+    @flow
+    def data_stages(state: str) -> float:
+        start = time.perf_counter()
+        squad = load_squad(data, state)
+        format_and_tokenize(squad, data, model, state)
+        return time.perf_counter() - start
+
+    first = data_stages(str(work / "state"))
+    second = data_stages(str(work / "state"))
+    return {"first_run_seconds": round(first, 2), "cached_run_seconds": round(second, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--squad", default=str(SHARED / "squad" / "dev-v1.1.json.gz"))
+    parser.add_argument("--tokenizer", default=str(SHARED / "gpt2-tokenizer"))
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+
+    from datasets import Dataset
+
+    from pipeline_config import ModelConfig
+    from tasks.format_tokenize import chat_tokenizer
+    from tasks.load_squad import features, read_file, validate
+
+    rows, _ = read_file(Path(args.squad))
+    good, _ = validate(rows, "bench", squad_v2=False, max_bad=0.0)
+    dataset = Dataset.from_list(good, features=features())
+    model = ModelConfig(name_or_path=None, tokenizer=args.tokenizer, random_init={})
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        def fastest(runs):
+            return min(runs, key=lambda r: r["seconds"])
+
+        seed = fastest(
+            seed_recipe(dataset, chat_tokenizer(model)[0], work / f"seed{i}")
+            for i in range(args.repeat)
+        )
+        ours = {
+            n: fastest(
+                squadtune_stage(dataset, chat_tokenizer(model)[0], work / f"ours{n}-{i}", n)
+                for i in range(args.repeat)
+            )
+            for n in (1, 2)
+        }
+        best = min(ours, key=lambda n: ours[n]["seconds"])
+        cache = cached_rerun(Path(args.squad), work)
+    seed_rate = seed["examples"] / seed["seconds"]
+    result = {
+        "bench": "data",
+        "examples": seed["examples"],
+        "repeat": args.repeat,
+        "seed_examples_per_s": round(seed_rate, 1),
+        "seed_bytes_per_example": round(seed["bytes"] / seed["examples"]),
+        "seed_padding_share": round(seed["padding_share"], 4),
+        **{
+            f"squadtune_num_proc{n}_examples_per_s": round(r["examples"] / r["seconds"], 1)
+            for n, r in ours.items()
+        },
+        "squadtune_bytes_per_example": round(ours[best]["bytes"] / ours[best]["kept"]),
+        "squadtune_padding_share": ours[best]["padding_share"],
+        "speedup": round(ours[best]["examples"] / ours[best]["seconds"] / seed_rate, 1),
+        "goal_speedup": 10,
+        **cache,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
