@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline_config import ConfigError, InputError, dump_config, load_config, preflight
+from pipeline_config import InputError, dump_config, load_config, preflight
 
 
 def _load(args) -> object:
@@ -41,21 +41,26 @@ def _text(value) -> str | None:
 
 
 def cmd_score(args) -> int:
-    from tasks.load_squad import local_path, read_squad_json
+    from tasks.load_squad import local_path, read_file
     from tasks.metrics import load_squad_metric
 
-    rows = read_squad_json(local_path(args.dataset, "DATASET"))
-    predictions = json.loads(Path(args.predictions).read_text())
+    rows, squad_v2 = read_file(local_path(args.dataset, "DATASET"))
+    bad = [r for r in rows if r.get("_bad")]
+    if bad:
+        raise InputError(f"{args.dataset}: {len(bad)} malformed question(s), first: {bad[0]}")
+    try:
+        predictions = json.loads(Path(args.predictions).read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{args.predictions}: not a readable JSON file ({exc})") from exc
     if not isinstance(predictions, dict):
-        raise ConfigError(f"{args.predictions}: expected a JSON object of question id -> answer")
-    squad_v2 = any(not r["answers"]["text"] for r in rows)
+        raise InputError(f"{args.predictions}: expected a JSON object of question id -> answer")
     # Aligned with the references; None marks an unanswered question, which scores 0.
     scores = load_squad_metric().compute(
         predictions=[
             {"id": r["id"], "prediction_text": _text(predictions.get(r["id"]))} for r in rows
         ],
         references=[{"id": r["id"], "answers": r["answers"]} for r in rows],
-        squad_v2=squad_v2,
+        squad_v2=squad_v2 or any(r["unanswerable"] for r in rows),
     )
     print(json.dumps(scores))
     return 0

@@ -37,6 +37,10 @@ def finetune(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008
         squad = load_squad(config.data, state)
         tokenized = format_and_tokenize(squad, config.data, config.model, state)
         base = prepare_base_model(config.model, tokenized, config.data.max_seq_len, state)
+        baseline = evaluate_adapter(
+            None, squad, tokenized, base, config.model, config.quantization,
+            config.evaluation, state, label="baseline",
+        )
         lora = apply_lora(
             base, tokenized, config.model, config.quantization, config.lora,
             config.training.seed, state,
@@ -55,5 +59,6 @@ def finetune(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008
             state, run_id,
         )
         return report_run(
-            run_id, config.short_name(), squad, tokenized, lora, adapter, scores, registered
+            run_id, config.short_name(), squad, tokenized, lora, adapter, scores, baseline,
+            registered,
         )

@@ -1,4 +1,8 @@
-"""Stage 6: answer held-out questions by greedy generation and score SQuAD EM/F1."""
+"""Stage 6: answer held-out questions by greedy generation and score SQuAD EM/F1.
+
+Run twice per flow: on the trained adapter, and on the base model alone (the baseline, cached per
+base model, eval set and generation settings), so every run shows what fine-tuning gained.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,12 @@ from typing import Any
 from prefect import task
 
 from pipeline_config import EvaluationConfig, ModelConfig, QuantizationConfig
-from tasks.chat_format import REFUSAL
 from tasks.modeling import base_spec, generate_answers, load_for_inference
 from tasks.stage import Stage, StageOutput, upstream_keys
 
-STAGE = Stage("eval", version="1", required=("predictions.jsonl", "metrics.json"))
+STAGE = Stage("eval", version="2", required=("predictions.jsonl", "metrics.json"))
+# Gold answer length in words (the shortest gold answer), as in SQuAD error analyses.
+BUCKETS = ((1, 1, "1 word"), (2, 3, "2-3 words"), (4, 6, "4-6 words"), (7, 10**9, "7+ words"))
 
 
 def eval_questions(squad: StageOutput, cfg: EvaluationConfig):
@@ -25,21 +30,40 @@ def eval_questions(squad: StageOutput, cfg: EvaluationConfig):
     return ds
 
 
-def score(questions, answers: list[str]) -> dict[str, Any]:
-    """SQuAD EM/F1 overall and per question, with the official normalization."""
+def score(ids: list[str], golds: list[dict], answers: list[str], refusal: str) -> dict[str, Any]:
+    """SQuAD EM/F1 overall and per question with the official normalization; v2.0 rules (and
+    the refusal read as "no answer") when any question is unanswerable."""
     from tasks.metrics import load_squad_metric
 
-    squad_v2 = any(not a["text"] for a in questions["answers"])
     return load_squad_metric().compute(
-        predictions=[
-            {"id": i, "prediction_text": a} for i, a in zip(questions["id"], answers, strict=True)
-        ],
-        references=[{"id": i, "answers": a} for i, a in zip(questions["id"], questions["answers"],
-                                                              strict=True)],
-        squad_v2=squad_v2,
-        no_answer_texts=[REFUSAL],
+        predictions=[{"id": i, "prediction_text": a} for i, a in zip(ids, answers, strict=True)],
+        references=[{"id": i, "answers": g} for i, g in zip(ids, golds, strict=True)],
+        squad_v2=any(not g["text"] for g in golds),
+        no_answer_texts=[refusal],
         per_example=True,
     )
+
+
+def bucket_of(gold_texts: list[str]) -> str:
+    if not gold_texts:
+        return "no answer"
+    words = min(len(t.split()) for t in gold_texts)
+    return next(name for low, high, name in BUCKETS if low <= words <= high)
+
+
+def by_bucket(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """EM/F1 (0-100) and counts per gold-answer-length bucket."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault(r["answer_length"], []).append(r)
+    return {
+        name: {
+            "count": len(rows),
+            "exact_match": sum(r["exact_match"] for r in rows) / len(rows),
+            "f1": sum(r["f1"] for r in rows) / len(rows),
+        }
+        for name, rows in sorted(groups.items())
+    }
 
 
 def build(
@@ -57,7 +81,9 @@ def build(
     questions = eval_questions(squad, cfg)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenized.dir / "tokenizer"))
     model = load_for_inference(
-        base_spec(base), adapter.dir / "adapter" if adapter else None, quantization,
+        base_spec(base),
+        adapter.dir / "adapter" if adapter else None,
+        quantization,
         model_cfg.torch_dtype,
     )
     answers = generate_answers(
@@ -70,23 +96,34 @@ def build(
         max_prompt_tokens=tokenized.manifest["max_seq_len"],
         progress=True,
     )
-    scores = score(questions, answers)
+    golds = list(questions["answers"])
+    scores = score(questions["id"], golds, answers, tokenized.manifest["refusal_answer"])
     per = scores.pop("per_example")
+    records = [
+        {
+            "id": qid,
+            "question": question,
+            "gold_answers": gold["text"],
+            "prediction": answer,
+            "exact_match": 100 * em,
+            "f1": 100 * f1,
+            "answer_length": bucket_of(gold["text"]),
+        }
+        for qid, question, gold, answer, em, f1 in zip(
+            questions["id"], questions["question"], golds, answers, per["exact"], per["f1"],
+            strict=True,
+        )
+    ]
     with open(out / "predictions.jsonl", "w") as fh:
-        for row, answer, em, f1 in zip(questions, answers, per["exact"], per["f1"], strict=True):
-            record = {
-                "id": row["id"],
-                "question": row["question"],
-                "gold_answers": row["answers"]["text"],
-                "prediction": answer,
-                "exact_match": 100 * em,
-                "f1": 100 * f1,
-            }
-            fh.write(json.dumps(record) + "\n")
+        fh.writelines(json.dumps(r) + "\n" for r in records)
+    scores["by_answer_length"] = by_bucket(records)
     (out / "metrics.json").write_text(json.dumps(scores, indent=2))
-    print(f"eval on {len(questions)} questions: EM {scores['exact_match']:.2f} "
-          f"F1 {scores['f1']:.2f}")
-    return {"metrics": scores, "questions": len(questions), "with_adapter": adapter is not None}
+    label = "adapter" if adapter else "baseline (no adapter)"
+    print(
+        f"{label} on {len(records)} questions: EM {scores['exact_match']:.2f} "
+        f"F1 {scores['f1']:.2f}"
+    )
+    return {"metrics": scores, "questions": len(records), "with_adapter": adapter is not None}
 
 
 def stage_key(
@@ -104,6 +141,7 @@ def stage_key(
 
 @task(
     name="evaluate",
+    task_run_name="evaluate_{label}",
     cache_key_fn=STAGE.cache_key_fn(stage_key),
     persist_result=True,
     result_serializer="json",
@@ -117,6 +155,7 @@ def evaluate_adapter(
     quantization: QuantizationConfig,
     evaluation: EvaluationConfig,
     state_dir: str,
+    label: str = "adapter",
 ) -> StageOutput:
     """Generate answers to held-out questions and score them with SQuAD EM/F1."""
     key = stage_key(adapter, squad, tokenized, base, quantization, evaluation)

@@ -1,14 +1,18 @@
-"""The run's summary: MLflow metrics and artifacts, and Prefect artifacts linking to them."""
+"""The run's summary: MLflow metrics and artifacts, and Prefect artifacts linking to them.
+
+Runs every time, cached stages or not, so each flow run's MLflow run and Prefect page are complete.
+"""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from tasks.stage import StageOutput
-from tasks.tracking import log_metrics, run_url
+from tasks.tracking import log_metrics, metric_name, run_url
 
 
 def backfill_training(run_id: str, train: StageOutput) -> int:
@@ -20,12 +24,7 @@ def backfill_training(run_id: str, train: StageOutput) -> int:
         step = entry.get("step", 0)
         if live_from is not None and step > live_from:
             continue
-        named = {
-            (f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"): v
-            for k, v in entry.items()
-            if k not in ("step", "epoch")
-        }
-        log_metrics(run_id, named, step)
+        log_metrics(run_id, {metric_name(k): v for k, v in entry.items() if k != "step"}, step)
         sent += 1
     return sent
 
@@ -46,6 +45,82 @@ def data_metrics(squad: StageOutput, tokenized: StageOutput) -> dict[str, float]
     }
 
 
+def eval_metrics(evaluation: StageOutput, baseline: StageOutput) -> dict[str, float]:
+    """Scores of the adapter and the baseline, their difference, and the per-bucket scores."""
+    ours, base = evaluation.manifest["metrics"], baseline.manifest["metrics"]
+    out: dict[str, float] = {}
+    for name, value in ours.items():
+        if isinstance(value, (int, float)):
+            out[f"eval/{name}"] = value
+            if isinstance(base.get(name), (int, float)) and not name.endswith("_total"):
+                out[f"eval/baseline_{name}"] = base[name]
+                out[f"eval/gain_{name}"] = value - base[name]
+    for bucket, scores in ours["by_answer_length"].items():
+        slug = bucket.replace(" ", "_").replace("+", "plus")
+        out[f"eval/f1_{slug}"] = scores["f1"]
+        out[f"eval/exact_match_{slug}"] = scores["exact_match"]
+    return out
+
+
+def read_predictions(evaluation: StageOutput) -> list[dict[str, Any]]:
+    with open(evaluation.dir / "predictions.jsonl") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def markdown_report(
+    run_name: str,
+    url: str,
+    evaluation: StageOutput,
+    baseline: StageOutput,
+    registered: StageOutput,
+    train: StageOutput,
+    predictions: list[dict[str, Any]],
+) -> str:
+    ours, base = evaluation.manifest["metrics"], baseline.manifest["metrics"]
+    reg = registered.manifest
+    lines = [
+        f"# {run_name}",
+        "",
+        f"Registered **{reg['model_name']}** version **{reg['version']}** (`@{reg['alias']}`); "
+        f"MLflow run: {url}",
+        "",
+        f"Trained {train.manifest['global_step']} steps, final loss "
+        f"{train.manifest['final_loss']:.4f}. Evaluated on {evaluation.manifest['questions']} "
+        "held-out questions.",
+        "",
+        "| | exact match | F1 |",
+        "|---|---:|---:|",
+        f"| fine-tuned | {ours['exact_match']:.2f} | {ours['f1']:.2f} |",
+        f"| baseline (base model, no adapter) | {base['exact_match']:.2f} | {base['f1']:.2f} |",
+        f"| difference | {ours['exact_match'] - base['exact_match']:+.2f} | "
+        f"{ours['f1'] - base['f1']:+.2f} |",
+        "",
+        "| gold answer length | questions | exact match | F1 |",
+        "|---|---:|---:|---:|",
+        *[
+            f"| {b} | {s['count']} | {s['exact_match']:.2f} | {s['f1']:.2f} |"
+            for b, s in ours["by_answer_length"].items()
+        ],
+        "",
+        "## Ten worst answers",
+        "",
+        "| question | gold | prediction | F1 |",
+        "|---|---|---|---:|",
+    ]
+    worst = sorted(predictions, key=lambda r: (r["f1"], -len(r["gold_answers"][0] if
+                                                            r["gold_answers"] else "")))[:10]
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")[:120] or "(empty)"
+
+    lines += [
+        f"| {cell(r['question'])} | {cell(' / '.join(dict.fromkeys(r['gold_answers'])))} | "
+        f"{cell(r['prediction'])} | {r['f1']:.1f} |"
+        for r in worst
+    ]
+    return "\n".join(lines)
+
+
 @task(name="report_run")
 def report_run(
     run_id: str,
@@ -55,33 +130,37 @@ def report_run(
     lora: StageOutput,
     train: StageOutput,
     evaluation: StageOutput,
+    baseline: StageOutput,
     registered: StageOutput,
 ) -> dict[str, Any]:
-    """Log data manifest, parameters counts and scores to MLflow; link the run from Prefect."""
+    """Log data, scores and predictions to MLflow; summarize the run as Prefect artifacts."""
     import mlflow
+    import pandas as pd
 
     client = mlflow.MlflowClient()
     client.log_dict(run_id, squad.manifest, "data/data_manifest.json")
     client.log_dict(run_id, tokenized.manifest, "data/tokenized_manifest.json")
     if any(squad.manifest["rejected"].values()):
         client.log_artifact(run_id, str(squad.dir / "rejected.jsonl"), "data")
-    client.log_artifact(run_id, str(evaluation.dir / "predictions.jsonl"), "eval")
     backfill_training(run_id, train)
-    metrics = evaluation.manifest["metrics"]
+    predictions = read_predictions(evaluation)
+    client.log_table(run_id, data=pd.DataFrame(predictions), artifact_file="eval/predictions.json")
+    client.log_dict(run_id, evaluation.manifest["metrics"], "eval/metrics.json")
+    client.log_dict(run_id, baseline.manifest["metrics"], "eval/baseline_metrics.json")
     log_metrics(
         run_id,
         {
-            "eval/exact_match": metrics["exact_match"],
-            "eval/f1": metrics["f1"],
+            **eval_metrics(evaluation, baseline),
+            **data_metrics(squad, tokenized),
             "params/trainable": lora.manifest["parameters"]["trainable"],
             "params/total": lora.manifest["parameters"]["total"],
-            **data_metrics(squad, tokenized),
             "adapter/bytes": train.manifest["adapter_bytes"],
         },
         step=train.manifest["global_step"],
     )
     reg = registered.manifest
     client.set_tag(run_id, "squadtune.registered_model", f"{reg['model_name']}/{reg['version']}")
+    metrics, base = evaluation.manifest["metrics"], baseline.manifest["metrics"]
     summary = {
         "run_name": run_name,
         "mlflow_run_id": run_id,
@@ -91,6 +170,8 @@ def report_run(
         "alias": reg["alias"],
         "exact_match": round(metrics["exact_match"], 2),
         "f1": round(metrics["f1"], 2),
+        "baseline_exact_match": round(base["exact_match"], 2),
+        "baseline_f1": round(base["f1"], 2),
         "train_steps": train.manifest["global_step"],
         "final_train_loss": train.manifest["final_loss"],
     }
@@ -98,17 +179,8 @@ def report_run(
     if url.startswith("http"):
         create_link_artifact(url, link_text="MLflow run", key="mlflow-run")
     create_markdown_artifact(
-        "\n".join(
-            [
-                f"# {run_name}",
-                "",
-                "| | |",
-                "|---|---|",
-                *[f"| {k} | {v} |" for k, v in summary.items()],
-                f"| MLflow | {url} |",
-            ]
-        ),
+        markdown_report(run_name, url, evaluation, baseline, registered, train, predictions),
         key="run-summary",
-        description="squadtune run summary",
+        description="squadtune run summary: scores against the baseline, worst answers",
     )
     return summary

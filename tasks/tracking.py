@@ -119,6 +119,13 @@ def log_metrics(run_id: str, metrics: Mapping[str, float], step: int | None = No
         mlflow.MlflowClient().log_batch(run_id, metrics=batch)
 
 
+def metric_name(trainer_key: str) -> str:
+    """MLflow name of a Trainer log key: `eval_loss` -> `eval/loss`, `loss` -> `train/loss`."""
+    if trainer_key.startswith("eval_"):
+        return f"eval/{trainer_key[5:]}"
+    return f"train/{trainer_key}"
+
+
 def mlflow_callback(run_id: str | None, skip_until_step: int = 0):
     """A Trainer callback that sends each log line (loss, lr, grad norm, ...) to the run."""
     from transformers import TrainerCallback
@@ -128,10 +135,7 @@ def mlflow_callback(run_id: str | None, skip_until_step: int = 0):
             if run_id and logs and state.is_world_process_zero and state.global_step > (
                 skip_until_step
             ):
-                named = {
-                    (f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"): v
-                    for k, v in logs.items()
-                }
-                log_metrics(run_id, named, state.global_step)
+                log_metrics(run_id, {metric_name(k): v for k, v in logs.items()},
+                            state.global_step)
 
     return MlflowMetrics()

@@ -159,3 +159,17 @@ def task_states(flow_state) -> dict[str, str]:
             )
         )
     return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+
+
+def flow_artifacts(flow_state) -> dict[str, object]:
+    """Artifact key -> artifact of the flow run behind `flow_state`."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_state.state_details.flow_run_id])
+            )
+        )
+    return {a.key: a for a in artifacts}

@@ -6,11 +6,11 @@ import pytest
 
 from flows.finetune import finetune
 from pipeline_config import PipelineConfig
-from tests.conftest import task_states, tiny_config_dict
+from tests.conftest import flow_artifacts, task_states, tiny_config_dict
 
 STAGES = [
     "load_squad", "format_and_tokenize", "prepare_base_model", "apply_lora", "train_adapter",
-    "evaluate", "register_adapter",
+    "evaluate_adapter", "evaluate_baseline", "register_adapter",
 ]
 
 
@@ -44,6 +44,16 @@ def test_flow_registers_a_servable_candidate_then_reruns_from_cache(config):
         "config/resolved_config.yaml", "data/data_manifest.json", "data/tokenized_manifest.json"
     } <= artifacts
     assert run.data.metrics["data/rejected_train"] == 0
+    baseline = run.data.metrics["eval/baseline_f1"]
+    assert run.data.metrics["eval/gain_f1"] == pytest.approx(summary["f1"] - baseline, abs=0.01)
+    table = client.load_table(
+        run.info.experiment_id, "eval/predictions.json", run_ids=[run.info.run_id]
+    )
+    assert len(table) == config.evaluation.max_samples
+    assert {"id", "question", "gold_answers", "prediction", "exact_match", "f1"} <= set(table)
+    report = flow_artifacts(state)["run-summary"].data
+    assert "| baseline (base model, no adapter) |" in report and "## Ten worst answers" in report
+    assert report.count("\n| ") >= 10 + 3
     assert run.data.metrics["data/train_examples"] > run.data.metrics["data/dropped_train"]
 
     model = mlflow.pyfunc.load_model("models:/squadtune-test@candidate")
@@ -72,7 +82,7 @@ def test_run_failed_in_training_reruns_only_from_training(config):
         failed.result(raise_on_failure=False)
     )
     states = task_states(failed)
-    assert states["train_adapter"] == "Failed" and "evaluate" not in states
+    assert states["train_adapter"] == "Failed" and "evaluate_adapter" not in states
     failed_runs = mlflow.search_runs(
         experiment_names=["squadtune-tests"], filter_string="attributes.status = 'FAILED'"
     )
@@ -81,7 +91,7 @@ def test_run_failed_in_training_reruns_only_from_training(config):
     rerun = finetune(config, return_state=True)
     assert rerun.is_completed(), rerun.message
     states = task_states(rerun)
-    for name in STAGES[:4]:
+    for name in [*STAGES[:4], "evaluate_baseline"]:
         assert states[name] == "Cached", name
     assert states["train_adapter"] == "Completed"
     summary = rerun.result()

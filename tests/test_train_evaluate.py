@@ -84,3 +84,42 @@ def test_evaluate_generates_and_scores_each_question(setup, tmp_path):
     mean_f1 = sum(r["f1"] for r in rows) / len(rows)
     assert result["metrics"]["f1"] == pytest.approx(mean_f1)
     assert json.loads((out / "metrics.json").read_text()) == result["metrics"]
+    buckets = result["metrics"]["by_answer_length"]
+    assert sum(b["count"] for b in buckets.values()) == len(rows)
+
+
+def test_batched_generation_equals_one_at_a_time(setup):
+    """Left padding and attention masks leave each answer exactly as generated alone."""
+    from transformers import AutoTokenizer
+
+    from tasks.modeling import base_spec, generate_answers, load_for_inference
+
+    config, _, stages = setup
+    tokenizer = AutoTokenizer.from_pretrained(str(stages["tokenized"].dir / "tokenizer"))
+    model = load_for_inference(
+        base_spec(stages["base"]), stages["lora"].dir / "adapter", config.quantization
+    )
+    questions = evaluate.eval_questions(stages["squad"], config.evaluation)
+    kwargs = {"max_new_tokens": 8, "max_prompt_tokens": 320}
+    batched = generate_answers(model, tokenizer, questions["context"], questions["question"],
+                               batch_size=8, **kwargs)
+    single = generate_answers(model, tokenizer, questions["context"], questions["question"],
+                              batch_size=1, **kwargs)
+    assert batched == single
+    assert any(batched), "random weights still produce some text"
+
+
+def test_answer_length_buckets():
+    assert evaluate.bucket_of(["Paris"]) == "1 word"
+    assert evaluate.bucket_of(["the city of Paris", "Paris France"]) == "2-3 words"
+    assert evaluate.bucket_of(["a b c d e f g"]) == "7+ words"
+    assert evaluate.bucket_of([]) == "no answer"
+    rows = [
+        {"answer_length": "1 word", "exact_match": 100.0, "f1": 100.0},
+        {"answer_length": "1 word", "exact_match": 0.0, "f1": 50.0},
+        {"answer_length": "4-6 words", "exact_match": 0.0, "f1": 20.0},
+    ]
+    assert evaluate.by_bucket(rows) == {
+        "1 word": {"count": 2, "exact_match": 50.0, "f1": 75.0},
+        "4-6 words": {"count": 1, "exact_match": 0.0, "f1": 20.0},
+    }

@@ -1,0 +1,109 @@
+"""Evaluation throughput: batched generation against one question at a time, same model and run.
+
+    .venv/bin/python bench/eval.py [--questions 96] [--shape 4x256] [--batch-size 32]
+
+The model is a GPT-2 of the given shape (layers x width, random weights, the real tokenizer with the
+chat tokens) with a LoRA adapter attached, as evaluation runs it; random weights never emit
+`<|end|>`, so every answer runs to --max-new-tokens in both modes and the work is the same. The
+questions are the first --questions of the SQuAD dev set. Each mode answers them all; the answers of
+both modes are compared. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared" / "data"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def build_model(shape: str, vocab_size: int, quantized: bool, work: Path):
+    import torch
+    from peft import get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pipeline_config import LoraSettings, QuantizationConfig
+    from tasks.modeling import load_base_model, lora_config
+
+    layers, width = (int(x) for x in shape.split("x"))
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=vocab_size, n_layer=layers, n_embd=width,
+                        n_head=max(1, width // 64), n_positions=1024)
+    GPT2LMHeadModel(config).save_pretrained(work / "base")
+    quant = QuantizationConfig(load_in_4bit=quantized, bnb_4bit_compute_dtype="float32")
+    base = load_base_model({"source": str(work / "base"), "vocab_size": vocab_size}, quant)
+    model = get_peft_model(base, lora_config(LoraSettings(lora_r=32)))
+    return model.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--squad", default=str(SHARED / "squad" / "dev-v1.1.json.gz"))
+    parser.add_argument("--tokenizer", default=str(SHARED / "gpt2-tokenizer"))
+    parser.add_argument("--questions", type=int, default=96)
+    parser.add_argument("--shape", default="4x256", help="layers x width; 12x768 is GPT-2 small")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--max-prompt-tokens", type=int, default=384)
+    parser.add_argument("--quantized", action="store_true", help="load the base in 4-bit NF4")
+    args = parser.parse_args()
+
+    import tempfile
+
+    import torch
+
+    from pipeline_config import ModelConfig
+    from tasks.format_tokenize import chat_tokenizer
+    from tasks.load_squad import read_file
+    from tasks.modeling import generate_answers
+
+    rows, _ = read_file(Path(args.squad))
+    rows = rows[: args.questions]
+    contexts, questions = [r["context"] for r in rows], [r["question"] for r in rows]
+    tokenizer, _ = chat_tokenizer(
+        ModelConfig(name_or_path=None, tokenizer=args.tokenizer, random_init={})
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_model(args.shape, len(tokenizer), args.quantized, Path(tmp))
+
+    def run(batch_size: int) -> tuple[float, list[str]]:
+        start = time.perf_counter()
+        answers = generate_answers(
+            model, tokenizer, contexts, questions, max_new_tokens=args.max_new_tokens,
+            batch_size=batch_size, max_prompt_tokens=args.max_prompt_tokens,
+        )
+        return time.perf_counter() - start, answers
+
+    run(args.batch_size)  # warm-up: allocator, bitsandbytes kernels
+    batched_s, batched = run(args.batch_size)
+    single_s, single = run(1)
+    same = sum(a == b for a, b in zip(batched, single, strict=True))
+    print(
+        json.dumps(
+            {
+                "bench": "eval",
+                "device": "cuda" if torch.cuda.is_available() else "cpu",
+                "shape": args.shape,
+                "quantized": args.quantized,
+                "questions": len(rows),
+                "max_new_tokens": args.max_new_tokens,
+                "batch_size": args.batch_size,
+                "batched_questions_per_s": round(len(rows) / batched_s, 2),
+                "batch1_questions_per_s": round(len(rows) / single_s, 2),
+                "speedup": round(single_s / batched_s, 2),
+                "goal_speedup": 5,
+                "identical_answers": f"{same}/{len(rows)}",
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
