@@ -82,6 +82,30 @@ def cmd_ask(args) -> int:
     return 0
 
 
+def cmd_promote(args) -> int:
+    from tasks.tracking import local_defaults
+
+    local_defaults(args.state_dir)
+    from flows.promote import promote
+
+    event = promote(
+        args.model, args.to, args.version, args.min_delta, args.force, args.reason or "",
+        args.state_dir,
+    )
+    print(json.dumps(event))
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    from tasks.tracking import local_defaults
+
+    local_defaults(args.state_dir)
+    from flows.promote import rollback
+
+    print(json.dumps(rollback(args.model, args.alias, args.state_dir)))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="squadtune", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -114,6 +138,24 @@ def parser() -> argparse.ArgumentParser:
     ask.add_argument("--max-new-tokens", type=int, default=None)
     ask.add_argument("--state-dir", default=".squadtune", help="local state when no server is set")
     ask.set_defaults(fn=cmd_ask)
+
+    promote = sub.add_parser("promote", help="move a registered version up, behind the F1 gate")
+    promote.add_argument("model", help="registered model name")
+    promote.add_argument("--to", choices=["staging", "production"], default="staging")
+    promote.add_argument("--version", type=int, default=None,
+                         help="default: the version holding the alias below --to")
+    promote.add_argument("--min-delta", type=float, default=0.0,
+                         help="F1 points to gain over the current holder")
+    promote.add_argument("--force", action="store_true", help="skip the gate (needs --reason)")
+    promote.add_argument("--reason", default=None)
+    promote.add_argument("--state-dir", default=".squadtune")
+    promote.set_defaults(fn=cmd_promote)
+
+    rollback = sub.add_parser("rollback", help="restore the previous holder of an alias")
+    rollback.add_argument("alias", choices=["staging", "production"])
+    rollback.add_argument("--model", required=True, help="registered model name")
+    rollback.add_argument("--state-dir", default=".squadtune")
+    rollback.set_defaults(fn=cmd_rollback)
     return p
 
 

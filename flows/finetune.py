@@ -54,9 +54,8 @@ def finetune(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008
             config.evaluation, state,
         )
         registered = register_adapter(
-            adapter, scores, tokenized, base, config.model, config.quantization,
-            config.evaluation, config.registry, config.fingerprint(), str(flow_run.id),
-            state, run_id,
+            adapter, scores, baseline, squad, tokenized, base, config, str(flow_run.id), state,
+            run_id,
         )
         return report_run(
             run_id, config.short_name(), squad, tokenized, lora, adapter, scores, baseline,

@@ -38,7 +38,12 @@ def describe_pretrained(model: ModelConfig) -> dict[str, Any]:
         model.name_or_path, revision=model.revision, trust_remote_code=False
     )
     window = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 0)
-    return {"model_type": config.model_type, "n_positions": window}
+    return {
+        "model_type": config.model_type,
+        "n_positions": window,
+        # The commit the hub resolved the revision to (None for a local folder).
+        "resolved_revision": getattr(config, "_commit_hash", None),
+    }
 
 
 def build(model: ModelConfig, tokenized: StageOutput, max_seq_len: int, out: Path) -> dict:

@@ -12,11 +12,11 @@ from typing import Any
 
 from prefect import task
 
-from pipeline_config import EvaluationConfig, ModelConfig, QuantizationConfig
+from pipeline_config import EvaluationConfig, ModelConfig, QuantizationConfig, stable_hash
 from tasks.modeling import base_spec, generate_answers, load_for_inference
 from tasks.stage import Stage, StageOutput, upstream_keys
 
-STAGE = Stage("eval", version="2", required=("predictions.jsonl", "metrics.json"))
+STAGE = Stage("eval", version="3", required=("predictions.jsonl", "metrics.json"))
 # Gold answer length in words (the shortest gold answer), as in SQuAD error analyses.
 BUCKETS = ((1, 1, "1 word"), (2, 3, "2-3 words"), (4, 6, "4-6 words"), (7, 10**9, "7+ words"))
 
@@ -41,6 +41,13 @@ def score(ids: list[str], golds: list[dict], answers: list[str], refusal: str) -
         squad_v2=any(not g["text"] for g in golds),
         no_answer_texts=[refusal],
         per_example=True,
+    )
+
+
+def eval_set_hash(questions) -> str:
+    """Identity of the questions scored: two F1s are comparable only on equal hashes."""
+    return stable_hash(
+        [questions["id"], questions["context"], questions["question"], list(questions["answers"])]
     )
 
 
@@ -123,7 +130,12 @@ def build(
         f"{label} on {len(records)} questions: EM {scores['exact_match']:.2f} "
         f"F1 {scores['f1']:.2f}"
     )
-    return {"metrics": scores, "questions": len(records), "with_adapter": adapter is not None}
+    return {
+        "metrics": scores,
+        "questions": len(records),
+        "with_adapter": adapter is not None,
+        "eval_set_hash": eval_set_hash(questions),
+    }
 
 
 def stage_key(

@@ -136,16 +136,20 @@ def load_base_model(
         model.generation_config.pad_token_id = base["pad_token_id"]
     if quant is None:
         model.to(device)
-    elif device == "cpu":
-        disable_cpu_repacking(model)
     return model
 
 
 def prepare_for_training(model, quantization: QuantizationConfig, gradient_checkpointing: bool):
-    """Freeze the base; for k-bit bases cast norms to fp32 (PEFT's QLoRA preparation)."""
+    """Freeze the base; for k-bit bases cast norms to fp32 (PEFT's QLoRA preparation).
+
+    Inference keeps bitsandbytes' own CPU kernels, so a served model computes exactly what plain
+    transformers + PEFT compute; only training turns the CPU repacking off.
+    """
     from peft import prepare_model_for_kbit_training
 
     if quantization.enabled:
+        if next(model.parameters()).device.type == "cpu":
+            disable_cpu_repacking(model)
         return prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing
         )

@@ -11,9 +11,17 @@ from typing import Any
 
 from prefect import task
 
-from pipeline_config import EvaluationConfig, ModelConfig, QuantizationConfig, RegistryConfig
+from pipeline_config import (
+    EvaluationConfig,
+    ModelConfig,
+    PipelineConfig,
+    QuantizationConfig,
+    RegistryConfig,
+    stable_hash,
+)
 from tasks.modeling import base_spec
 from tasks.stage import Stage, StageOutput, upstream_keys
+from tasks.tracking import git_commit
 
 STAGE = Stage("register", version="1")
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -111,7 +119,11 @@ def register(model_dir: Path, cfg: RegistryConfig, run_id: str, tags: dict[str, 
             cfg.model_name, description="GPT-2 QLoRA adapters for SQuAD question answering."
         )
     mv = client.create_model_version(
-        cfg.model_name, source=f"runs:/{run_id}/qa_model", run_id=run_id, tags=tags
+        cfg.model_name,
+        source=f"runs:/{run_id}/qa_model",
+        run_id=run_id,
+        tags=tags,
+        description=description(tags),
     )
     client.set_registered_model_alias(cfg.model_name, cfg.alias, mv.version)
     return {
@@ -135,10 +147,62 @@ def version_exists(done: StageOutput) -> bool:
     return mv.tags.get("squadtune.adapter_key") == m.get("adapter_key")
 
 
+def lineage_tags(
+    config: PipelineConfig,
+    squad: StageOutput,
+    base: StageOutput,
+    adapter: StageOutput,
+    evaluation: StageOutput,
+    baseline: StageOutput,
+    flow_run_id: str,
+    run_id: str,
+) -> dict[str, str]:
+    """Where a version came from and how it scored: enough to reproduce and to compare it."""
+    ours, theirs = evaluation.manifest["metrics"], baseline.manifest["metrics"]
+    model = config.model
+    return {
+        "squadtune.data_manifest_hash": stable_hash(squad.manifest),
+        "squadtune.config_hash": config.fingerprint(),
+        "squadtune.git_commit": git_commit(),
+        "squadtune.base_model": model.name_or_path
+        or f"random_init:{model.random_init.model_dump_json()}",
+        "squadtune.base_revision": str(
+            base.manifest.get("resolved_revision") or model.revision or "local"
+        ),
+        "squadtune.adapter_key": adapter.key,
+        "eval.exact_match": f"{ours['exact_match']:.4f}",
+        "eval.f1": f"{ours['f1']:.4f}",
+        "eval.baseline_exact_match": f"{theirs['exact_match']:.4f}",
+        "eval.baseline_f1": f"{theirs['f1']:.4f}",
+        "eval.set_hash": evaluation.manifest["eval_set_hash"],
+        "eval.questions": str(evaluation.manifest["questions"]),
+        "prefect.flow_run_id": flow_run_id,
+        "mlflow.run_id": run_id,
+    }
+
+
+def description(tags: dict[str, str]) -> str:
+    return (
+        f"LoRA adapter on {tags['squadtune.base_model']} "
+        f"(revision {tags['squadtune.base_revision']}). SQuAD F1 {float(tags['eval.f1']):.2f} / "
+        f"EM {float(tags['eval.exact_match']):.2f} on {tags['eval.questions']} held-out questions "
+        f"(eval set {tags['eval.set_hash']}); the base model alone scored F1 "
+        f"{float(tags['eval.baseline_f1']):.2f} / "
+        f"EM {float(tags['eval.baseline_exact_match']):.2f}. "
+        f"Config {tags['squadtune.config_hash']}, data {tags['squadtune.data_manifest_hash']}, "
+        f"code {tags['squadtune.git_commit']}; Prefect flow run {tags['prefect.flow_run_id']}, "
+        f"MLflow run {tags['mlflow.run_id']}."
+    )
+
+
 def stage_key(
-    adapter: StageOutput, evaluation_out: StageOutput, registry: RegistryConfig, **_: Any
+    adapter: StageOutput,
+    evaluation: StageOutput,
+    baseline: StageOutput,
+    config: PipelineConfig,
+    **_: Any,
 ) -> str:
-    return STAGE.key(upstream_keys(adapter, evaluation_out), registry.cache_dict())
+    return STAGE.key(upstream_keys(adapter, evaluation, baseline), config.registry.cache_dict())
 
 
 @task(
@@ -149,39 +213,30 @@ def stage_key(
 )
 def register_adapter(
     adapter: StageOutput,
-    evaluation_out: StageOutput,
+    evaluation: StageOutput,
+    baseline: StageOutput,
+    squad: StageOutput,
     tokenized: StageOutput,
     base: StageOutput,
-    model_cfg: ModelConfig,
-    quantization: QuantizationConfig,
-    evaluation: EvaluationConfig,
-    registry: RegistryConfig,
-    config_hash: str,
+    config: PipelineConfig,
     flow_run_id: str,
     state_dir: str,
     run_id: str,
 ) -> StageOutput:
     """Log the adapter as an MLflow pyfunc model and register it with the `candidate` alias."""
-    key = stage_key(adapter, evaluation_out, registry)
+    key = stage_key(adapter, evaluation, baseline, config)
     done = STAGE.finished(state_dir, key)
     if done is not None and not version_exists(done):
         shutil.rmtree(done.dir)
 
     def produce(out: Path) -> dict[str, Any]:
-        metrics = evaluation_out.manifest["metrics"]
-        tags = {
-            "squadtune.adapter_key": adapter.key,
-            "squadtune.config_hash": config_hash,
-            "squadtune.eval_key": evaluation_out.key,
-            "squadtune.base_model": model_cfg.name_or_path
-            or f"random_init:{model_cfg.random_init.model_dump_json()}",
-            "prefect.flow_run_id": flow_run_id,
-            "mlflow.run_id": run_id,
-            "eval.exact_match": f"{metrics['exact_match']:.4f}",
-            "eval.f1": f"{metrics['f1']:.4f}",
-        }
-        model_dir = save_pyfunc(adapter, tokenized, base, model_cfg, quantization, evaluation, out)
-        info = register(model_dir, registry, run_id, tags)
+        tags = lineage_tags(
+            config, squad, base, adapter, evaluation, baseline, flow_run_id, run_id
+        )
+        model_dir = save_pyfunc(
+            adapter, tokenized, base, config.model, config.quantization, config.evaluation, out
+        )
+        info = register(model_dir, config.registry, run_id, tags)
         shutil.rmtree(model_dir)  # the logged copy in MLflow is the one that counts
         return {**info, "adapter_key": adapter.key}
 

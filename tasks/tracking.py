@@ -34,6 +34,24 @@ def local_defaults(state_dir: str | Path) -> Path:
     return state
 
 
+def git_commit(path: str | Path | None = None) -> str:
+    """The project's git commit, `+dirty` when tracked files changed; `unknown` outside git."""
+    import subprocess
+
+    where = str(path or Path(__file__).resolve().parent.parent)
+    try:
+        commit = subprocess.run(
+            ["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
 def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in obj.items():
@@ -87,6 +105,7 @@ def mlflow_run(config: PipelineConfig, flow_run_id: str | None, run_name: str) -
         "mlflow.runName": run_name,
         "squadtune.config_hash": config.fingerprint(),
         "prefect.flow_run_id": flow_run_id or "",
+        "squadtune.git_commit": git_commit(),
     }
     run = client.create_run(exp, run_name=run_name, tags=tags)
     run_id = run.info.run_id

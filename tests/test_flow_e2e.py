@@ -1,9 +1,23 @@
-"""The real flow on a tiny config, through a real Prefect server and a real MLflow SQLite store."""
+"""The real flow on a tiny config, through a real Prefect server and a real MLflow SQLite store;
+then the registered model: promoted by the promote flow, served by `mlflow models serve`, and
+loaded by plain PEFT."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
+import torch
 
+from flows.cli import main as cli
 from flows.finetune import finetune
 from pipeline_config import PipelineConfig
 from tests.conftest import flow_artifacts, task_states, tiny_config_dict
@@ -12,24 +26,39 @@ STAGES = [
     "load_squad", "format_and_tokenize", "prepare_base_model", "apply_lora", "train_adapter",
     "evaluate_adapter", "evaluate_baseline", "register_adapter",
 ]
+MODEL = "squadtune-test"
 
 
-@pytest.fixture
-def config(small_squad_file, tmp_path, prefect_harness):
-    return PipelineConfig.model_validate(tiny_config_dict(small_squad_file, tmp_path / "state"))
-
-
-def test_flow_registers_a_servable_candidate_then_reruns_from_cache(config):
+@pytest.fixture(scope="module")
+def first_run(small_squad_file, tmp_path_factory, prefect_harness):
+    """One full run of the flow; the tests below read what it left behind."""
+    state_dir = tmp_path_factory.mktemp("e2e") / "state"
+    config = PipelineConfig.model_validate(tiny_config_dict(small_squad_file, state_dir))
     state = finetune(config, return_state=True)
     assert state.is_completed(), state.message
+    return config, state
+
+
+def test_flow_registers_a_candidate_with_lineage_and_a_complete_mlflow_run(first_run):
+    config, state = first_run
     summary = state.result()
     assert set(task_states(state)) == {*STAGES, "report_run"}
 
     client = mlflow.MlflowClient()
-    version = client.get_model_version_by_alias("squadtune-test", "candidate")
+    version = client.get_model_version_by_alias(MODEL, "candidate")
     assert int(version.version) == summary["model_version"]
     assert version.run_id == summary["mlflow_run_id"]
-    assert version.tags["squadtune.config_hash"] == config.fingerprint()
+    tags = version.tags
+    assert tags["squadtune.config_hash"] == config.fingerprint()
+    assert tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
+    assert tags["mlflow.run_id"] == summary["mlflow_run_id"]
+    assert float(tags["eval.f1"]) == pytest.approx(summary["f1"], abs=0.01)
+    assert float(tags["eval.baseline_f1"]) == pytest.approx(summary["baseline_f1"], abs=0.01)
+    for key in ("squadtune.data_manifest_hash", "squadtune.git_commit", "eval.set_hash",
+                "squadtune.base_model", "squadtune.base_revision"):
+        assert tags[key], key
+    assert tags["eval.set_hash"] in version.description
+    assert f"F1 {float(tags['eval.f1']):.2f}" in version.description
 
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
@@ -44,6 +73,7 @@ def test_flow_registers_a_servable_candidate_then_reruns_from_cache(config):
         "config/resolved_config.yaml", "data/data_manifest.json", "data/tokenized_manifest.json"
     } <= artifacts
     assert run.data.metrics["data/rejected_train"] == 0
+    assert run.data.metrics["data/train_examples"] > run.data.metrics["data/dropped_train"]
     baseline = run.data.metrics["eval/baseline_f1"]
     assert run.data.metrics["eval/gain_f1"] == pytest.approx(summary["f1"] - baseline, abs=0.01)
     table = client.load_table(
@@ -54,27 +84,135 @@ def test_flow_registers_a_servable_candidate_then_reruns_from_cache(config):
     report = flow_artifacts(state)["run-summary"].data
     assert "| baseline (base model, no adapter) |" in report and "## Ten worst answers" in report
     assert report.count("\n| ") >= 10 + 3
-    assert run.data.metrics["data/train_examples"] > run.data.metrics["data/dropped_train"]
 
-    model = mlflow.pyfunc.load_model("models:/squadtune-test@candidate")
-    answers = model.predict(
-        pd.DataFrame({"context": ["Paris is the capital of France."],
-                      "question": ["What is the capital of France?"]}),
-        params={"max_new_tokens": 4},
-    )
-    assert list(answers.columns) == ["answer"] and isinstance(answers["answer"][0], str)
 
+def test_second_run_is_all_cache_hits(first_run):
+    config, state = first_run
     again = finetune(config, return_state=True)
     assert again.is_completed()
     states = task_states(again)
     assert {name: states[name] for name in STAGES} == dict.fromkeys(STAGES, "Cached")
-    assert again.result()["model_version"] == summary["model_version"]
+    assert again.result()["model_version"] == state.result()["model_version"]
+    client = mlflow.MlflowClient()
     rerun = client.get_run(again.result()["mlflow_run_id"])
-    assert rerun.info.run_id != run.info.run_id
+    assert rerun.info.run_id != state.result()["mlflow_run_id"]
     assert len(client.get_metric_history(rerun.info.run_id, "train/loss")) == 4  # back-filled
 
 
-def test_run_failed_in_training_reruns_only_from_training(config):
+def test_promote_flow_moves_candidate_to_staging_and_publishes_history(first_run, capsys):
+    _, state = first_run
+    version = state.result()["model_version"]
+    assert cli(["promote", MODEL, "--to", "staging"]) == 0
+    event = json.loads(capsys.readouterr().out)
+    assert (event["version"], event["alias"], event["action"]) == (version, "staging", "promote")
+    client = mlflow.MlflowClient()
+    assert int(client.get_model_version_by_alias(MODEL, "staging").version) == version
+    # Offering the same version again is refused with a message, not a traceback.
+    assert cli(["promote", MODEL, "--to", "staging"]) == 2
+    assert "already holds @staging" in capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(port: int, payload: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_mlflow_models_serve_answers_like_ask_and_rejects_bad_requests(first_run, capsys):
+    context = "The Normans gave their name to Normandy, a region in France."
+    question = "Where is Normandy?"
+    assert cli(["ask", "--model", f"models:/{MODEL}@candidate", "--context", context,
+                "--question", question, "--max-new-tokens", "6"]) == 0
+    asked = capsys.readouterr().out.rstrip("\n")
+
+    port = free_port()
+    venv_bin = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}"}
+    server = subprocess.Popen(
+        [f"{venv_bin}/mlflow", "models", "serve", "-m", f"models:/{MODEL}@candidate",
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()[-3000:]
+                assert time.time() < deadline, "server did not come up in 180 s"
+                time.sleep(1)
+        good = {"dataframe_records": [{"context": context, "question": question}],
+                "params": {"max_new_tokens": 6}}
+        status, body = post(port, good)
+        assert status == 200
+        assert body["predictions"][0]["answer"] == asked
+
+        status, body = post(port, {"dataframe_records": [{"context": context}]})
+        assert status == 400 and "question" in body["message"]
+        status, body = post(port, {"dataframe_records": [{"context": " ", "question": "Q?"}]})
+        assert status == 400 and "empty 'context'" in body["message"]
+        long = {"dataframe_records": [{"context": "word " * 3000, "question": question}]}
+        status, body = post(port, long)
+        assert status == 400 and "send a shorter context" in body["message"]
+
+        assert post(port, good) == (200, {"predictions": [{"answer": asked}]}), "still serving"
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(30)
+
+
+def test_registered_adapter_loads_with_plain_peft_to_the_same_logits(first_run, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    uri = f"models:/{MODEL}@candidate"
+    served = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    files = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path)))
+    adapter = files / "artifacts" / "adapter"
+    assert (adapter / "adapter_config.json").exists()
+    assert (adapter / "adapter_model.safetensors").exists()
+    assert not list(files.rglob("*.bin")) and not list(files.rglob("*.pkl"))
+
+    tokenizer = AutoTokenizer.from_pretrained(files / "artifacts" / "tokenizer")
+    base = AutoModelForCausalLM.from_pretrained(
+        files / "artifacts" / "model",
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        ),
+    )
+    plain = PeftModel.from_pretrained(base, adapter).eval()
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Paris is in France."}], add_generation_prompt=True,
+        return_tensors="pt", return_dict=True,
+    )["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, served.model(input_ids=ids).logits)
+    answers = mlflow.pyfunc.load_model(uri).predict(
+        pd.DataFrame({"context": ["Paris is in France."], "question": ["Where is Paris?"]}),
+        params={"max_new_tokens": 4},
+    )
+    assert list(answers.columns) == ["answer"] and isinstance(answers["answer"][0], str)
+
+
+def test_run_failed_in_training_reruns_only_from_training(
+    small_squad_file, tmp_path, prefect_harness
+):
+    config = PipelineConfig.model_validate(tiny_config_dict(small_squad_file, tmp_path / "state"))
+    config.registry.model_name = "squadtune-test-resume"
     config.training.fail_after_step = 2
     failed = finetune(config, return_state=True)
     assert failed.is_failed()
@@ -83,10 +221,11 @@ def test_run_failed_in_training_reruns_only_from_training(config):
     )
     states = task_states(failed)
     assert states["train_adapter"] == "Failed" and "evaluate_adapter" not in states
-    failed_runs = mlflow.search_runs(
-        experiment_names=["squadtune-tests"], filter_string="attributes.status = 'FAILED'"
+    failed_run = mlflow.search_runs(
+        experiment_names=["squadtune-tests"],
+        filter_string=f"tags.prefect.flow_run_id = '{failed.state_details.flow_run_id}'",
     )
-    assert len(failed_runs) == 1
+    assert list(failed_run["status"]) == ["FAILED"]
 
     rerun = finetune(config, return_state=True)
     assert rerun.is_completed(), rerun.message
@@ -95,8 +234,7 @@ def test_run_failed_in_training_reruns_only_from_training(config):
         assert states[name] == "Cached", name
     assert states["train_adapter"] == "Completed"
     summary = rerun.result()
-    run = mlflow.MlflowClient().get_run(summary["mlflow_run_id"])
     assert summary["train_steps"] == 4
-    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/loss")
+    history = mlflow.MlflowClient().get_metric_history(summary["mlflow_run_id"], "train/loss")
     # Steps up to the checkpoint are back-filled, later ones were logged live.
     assert sorted(m.step for m in history) == [1, 2, 3, 4]
