@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= pipeline_config/demo.yaml
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo run test test-all lint bench clean-state
+.PHONY: install demo run test test-all lint bench clean-state up down deploy status
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,28 @@ test-all: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+## up: Prefect server, lean MLflow server and a worker per local pool, on 127.0.0.1
+up: $(STAMP)
+	$(BIN)/python deployments/servers.py up
+
+## deploy: register deployments/prefect.yaml's deployments with the server `make up` started
+deploy: $(STAMP)
+	. .squadtune/servers/env && cd $(CURDIR) && \
+	$(BIN)/prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml
+
+## down: stop exactly the processes `make up` started
+down:
+	$(BIN)/python deployments/servers.py down
+
+status:
+	$(BIN)/python deployments/servers.py status
+
+## bench: every benchmark, one JSON line each
+bench: $(STAMP)
+	$(BIN)/python bench/data.py
+	$(BIN)/python bench/train.py
+	$(BIN)/python bench/eval.py
 
 clean-state:
 	rm -rf .squadtune

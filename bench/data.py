@@ -36,7 +36,9 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def seed_recipe(dataset, tokenizer, out: Path) -> dict:
+def seed_preprocess(dataset, tokenizer):
+    """The seed recipe's preprocessing, defects included: one example at a time, the prompt and
+    the answer tokenized separately, each padded to 512 tokens, `pad_token = eos_token`."""
     from tasks.chat_format import CONTENT_ACK, GREETING, SYSTEM_PROMPT
 
     tokenizer.pad_token = tokenizer.eos_token
@@ -55,10 +57,14 @@ def seed_recipe(dataset, tokenizer, out: Path) -> dict:
         inputs["labels"] = labels["input_ids"]
         return inputs
 
-    start = time.perf_counter()
-    mapped = dataset.map(
+    return dataset.map(
         preprocess, batched=False, remove_columns=dataset.column_names, keep_in_memory=True
     )
+
+
+def seed_recipe(dataset, tokenizer, out: Path) -> dict:
+    start = time.perf_counter()
+    mapped = seed_preprocess(dataset, tokenizer)
     mapped.save_to_disk(str(out))
     seconds = time.perf_counter() - start
     import pyarrow.compute as pc

@@ -235,7 +235,8 @@ class LoraSettings(Section):
 class TrainingConfig(Section):
     """`transformers.Trainer` settings, named as `TrainingArguments` names them."""
 
-    not_in_cache_key = frozenset({"fail_after_step", "logging_steps"})
+    not_in_cache_key = frozenset({"fail_after_step", "logging_steps", "deployment",
+                                  "torchrun_args"})
 
     max_steps: int = Field(10_000, ge=1, description="Optimizer steps.")
     per_device_train_batch_size: int = Field(16, ge=1, description="Examples per device per step.")
@@ -264,6 +265,22 @@ class TrainingConfig(Section):
         None, ge=1, description="Held-out loss every N steps; null for none during training."
     )
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    nproc_per_node: int = Field(
+        1,
+        ge=1,
+        description="Training processes (DDP under torchrun: one per GPU, gloo on CPU); the "
+        "global batch is per_device_train_batch_size x gradient_accumulation_steps x this.",
+    )
+    torchrun_args: list[str] = Field(
+        default_factory=list,
+        description="torchrun arguments replacing --standalone, for several nodes: e.g. "
+        "[--nnodes=2, --node-rank=0, --rdzv-backend=c10d, --rdzv-endpoint=host0:29500].",
+    )
+    deployment: str | None = Field(
+        None,
+        description="Run training as this Prefect deployment ('train/<name>', on a GPU work "
+        "pool) instead of in the flow's own process; the state dir must be shared storage.",
+    )
     seed: int = Field(42, description="Seed of LoRA init, shuffling and dropout.")
     fail_after_step: int | None = Field(
         None,

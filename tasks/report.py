@@ -85,8 +85,8 @@ def markdown_report(
         f"MLflow run: {url}",
         "",
         f"Trained {train.manifest['global_step']} steps, final loss "
-        f"{train.manifest['final_loss']:.4f}. Evaluated on {evaluation.manifest['questions']} "
-        "held-out questions.",
+        f"{train.manifest['final_loss'] or float('nan'):.4f}. Evaluated on "
+        f"{evaluation.manifest['questions']} held-out questions.",
         "",
         "| | exact match | F1 |",
         "|---|---:|---:|",

@@ -146,15 +146,25 @@ def metric_name(trainer_key: str) -> str:
 
 
 def mlflow_callback(run_id: str | None, skip_until_step: int = 0):
-    """A Trainer callback that sends each log line (loss, lr, grad norm, ...) to the run."""
+    """A Trainer callback that sends each log line (loss, lr, grad norm, ...) to the run, with the
+    non-padding tokens trained per second since the previous log line."""
     from transformers import TrainerCallback
 
     class MlflowMetrics(TrainerCallback):
+        last: tuple[float, int] | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last = (time.perf_counter(), state.num_input_tokens_seen)
+
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if run_id and logs and state.is_world_process_zero and state.global_step > (
-                skip_until_step
-            ):
-                log_metrics(run_id, {metric_name(k): v for k, v in logs.items()},
-                            state.global_step)
+            if not (run_id and logs and state.is_world_process_zero):
+                return
+            now, tokens = time.perf_counter(), state.num_input_tokens_seen
+            metrics = {metric_name(k): v for k, v in logs.items()}
+            if self.last is not None and now > self.last[0] and "loss" in logs:
+                metrics["train/tokens_per_second"] = (tokens - self.last[1]) / (now - self.last[0])
+                self.last = (now, tokens)
+            if state.global_step > skip_until_step:
+                log_metrics(run_id, metrics, state.global_step)
 
     return MlflowMetrics()

@@ -1,0 +1,147 @@
+"""Training throughput: the train stage against the seed recipe, same model, examples and run.
+
+    .venv/bin/python bench/train.py [--steps 20] [--shape 4x256] [--quantized]
+
+Both train the same LoRA (r=32 on attn.c_attn + attn.c_proj, the new chat tokens trainable) on the
+same GPT-2-shaped base (random weights, the real vocabulary) with `transformers.Trainer`, for the
+same number of steps of the same batch size, drawing from the same SQuAD dev examples:
+
+* seed: the seed recipe's data (every example padded to 512 tokens, `bench/data.py`), every
+  non-padding token in the loss, the LM head over all 512 positions;
+* squadtune: the tokenize stage's rows, dynamic padding in length-grouped batches, the loss and
+  the LM head only on the answer and its `<|end|>`.
+
+The figure is non-padding tokens trained per second (the same example tokens count in both).
+Prints one JSON line. With CUDA, --flops also reports model FLOPs utilisation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared" / "data"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def make_trainer(kind: str, model, dataset, tokenizer, steps: int, batch: int, work: Path, bf16):
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from tasks import train
+
+    args = TrainingArguments(
+        output_dir=str(work / kind),
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        learning_rate=2e-4,
+        warmup_steps=0,
+        logging_steps=steps,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=not __import__("torch").cuda.is_available(),
+        bf16=bf16,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        train_sampling_strategy="group_by_length" if kind == "squadtune" else "random",
+        length_column_name="length",
+        seed=0,
+        disable_tqdm=True,
+    )
+    if kind == "seed":
+        # The seed's collator: labels = input_ids with padding (EOS) masked.
+        collate = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+        return Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate)
+    return train.answer_only_trainer()(
+        model=model, args=args, train_dataset=dataset, data_collator=train.collator(tokenizer, 8),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--squad", default=str(SHARED / "squad" / "dev-v1.1.json.gz"))
+    parser.add_argument("--tokenizer", default=str(SHARED / "gpt2-tokenizer"))
+    parser.add_argument("--shape", default="4x256", help="layers x width; 12x768 is GPT-2 small")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--quantized", action="store_true", help="4-bit NF4 base (QLoRA)")
+    parser.add_argument("--bf16", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from bench.data import seed_preprocess
+    from pipeline_config import DataConfig, LoraSettings, ModelConfig, QuantizationConfig
+    from tasks.format_tokenize import chat_tokenizer, tokenize_split
+    from tasks.load_squad import features, read_file, validate
+    from tasks.modeling import count_parameters, load_base_model, lora_config, prepare_for_training
+
+    rows, _ = read_file(Path(args.squad))
+    good, _ = validate(rows, "bench", squad_v2=False, max_bad=0.0)
+    examples = Dataset.from_list(good[: args.steps * args.batch_size * 2], features=features())
+    model_cfg = ModelConfig(name_or_path=None, tokenizer=args.tokenizer, random_init={})
+    tokenizer, new_ids = chat_tokenizer(model_cfg)
+    data = DataConfig(hub_dataset=None, train_files=["unused"], max_seq_len=512)
+    ours, _ = tokenize_split(examples, tokenizer, data, drop=True)
+    seed = seed_preprocess(examples, chat_tokenizer(model_cfg)[0])
+    quant = QuantizationConfig(load_in_4bit=args.quantized, bnb_4bit_compute_dtype="float32")
+    layers, width = (int(x) for x in args.shape.split("x"))
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        torch.manual_seed(0)
+        GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_layer=layers, n_embd=width,
+                                   n_head=max(1, width // 64))).save_pretrained(work / "base")
+        for kind, dataset in (("seed", seed), ("squadtune", ours)):
+            base = load_base_model({"source": str(work / "base"), "vocab_size": len(tokenizer)},
+                                   quant)
+            base = prepare_for_training(base, quant, gradient_checkpointing=False)
+            torch.manual_seed(0)
+            model = get_peft_model(base, lora_config(LoraSettings(lora_r=32), new_ids))
+            trainer = make_trainer(kind, model, dataset, tokenizer, args.steps, args.batch_size,
+                                   work, args.bf16)
+            start = time.perf_counter()
+            trainer.train()
+            seconds = time.perf_counter() - start
+            tokens = trainer.state.num_input_tokens_seen
+            results[kind] = {"seconds": seconds, "tokens": tokens,
+                             "tokens_per_s": tokens / seconds}
+            params = count_parameters(model)["total"]
+            del trainer, model, base
+    result = {
+        "bench": "train",
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "shape": args.shape,
+        "quantized": args.quantized,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "seed_tokens_per_s": round(results["seed"]["tokens_per_s"], 1),
+        "squadtune_tokens_per_s": round(results["squadtune"]["tokens_per_s"], 1),
+        "speedup": round(results["squadtune"]["tokens_per_s"] / results["seed"]["tokens_per_s"],
+                         2),
+        "goal_speedup": 3,
+        "seed_seconds": round(results["seed"]["seconds"], 1),
+        "squadtune_seconds": round(results["squadtune"]["seconds"], 1),
+        "parameters": params,
+    }
+    if torch.cuda.is_available():
+        # LoRA training costs ~4 x parameters FLOPs per token (forward, and backward through
+        # activations but not into the frozen weights).
+        peak = float(os.environ.get("PEAK_TFLOPS", "989")) * 1e12
+        result["squadtune_mfu"] = round(4 * params * results["squadtune"]["tokens_per_s"] / peak,
+                                        4)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
