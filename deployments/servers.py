@@ -63,10 +63,11 @@ class Services:
             raise SystemExit(f"{name} is already running (pid {self.running(name)}); make down")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         log = self.run_dir / f"{name}.log"
-        proc = subprocess.Popen(
-            command, cwd=ROOT, env={**os.environ, **env}, stdout=open(log, "ab"),
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen(
+                command, cwd=ROOT, env={**os.environ, **env}, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )
         # The marker proves at `down` time that this pid is still our process.
         self.pid_file(name).write_text(f"{proc.pid} {marker}\n")
         return proc, log

@@ -58,6 +58,5 @@ def finetune(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008
             run_id,
         )
         return report_run(
-            run_id, config.short_name(), squad, tokenized, lora, adapter, scores, baseline,
-            registered,
+            run_id, config, squad, tokenized, lora, adapter, scores, baseline, registered
         )

@@ -6,11 +6,13 @@ Runs every time, cached stages or not, so each flow run's MLflow run and Prefect
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
+from pipeline_config import PipelineConfig
 from tasks.stage import StageOutput
 from tasks.tracking import log_metrics, metric_name, run_url
 
@@ -67,9 +69,31 @@ def read_predictions(evaluation: StageOutput) -> list[dict[str, Any]]:
         return [json.loads(line) for line in fh]
 
 
+def config_summary(config: PipelineConfig) -> str:
+    m, q, lora, t = config.model, config.quantization, config.lora, config.training
+    base = m.name_or_path or (
+        f"random-init GPT-2 {m.random_init.n_layer}x{m.random_init.n_embd}" if m.random_init
+        else "?"
+    )
+    bits = "4-bit " + q.bnb_4bit_quant_type if q.load_in_4bit else (
+        "8-bit" if q.load_in_8bit else m.torch_dtype
+    )
+    data = config.data.hub_dataset or ", ".join(Path(f).name for f in config.data.train_files)
+    return (
+        f"**Config** `{config.fingerprint()}`: base {base} ({bits}); LoRA r={lora.lora_r}, "
+        f"alpha={lora.lora_alpha}, dropout={lora.lora_dropout} on "
+        f"{', '.join(lora.target_modules)}; "
+        f"{t.max_steps} steps of {t.per_device_train_batch_size} x "
+        f"{t.gradient_accumulation_steps} x {t.nproc_per_node}, lr {t.learning_rate:g} "
+        f"({t.lr_scheduler_type}); data {data}, max_seq_len {config.data.max_seq_len}."
+    )
+
+
 def markdown_report(
-    run_name: str,
+    config: PipelineConfig,
     url: str,
+    squad: StageOutput,
+    tokenized: StageOutput,
     evaluation: StageOutput,
     baseline: StageOutput,
     registered: StageOutput,
@@ -78,15 +102,25 @@ def markdown_report(
 ) -> str:
     ours, base = evaluation.manifest["metrics"], baseline.manifest["metrics"]
     reg = registered.manifest
+    counts, rejected = squad.manifest["counts"], squad.manifest["rejected"]
+    dropped = sum(tokenized.manifest["splits"]["train"]["dropped"].values())
     lines = [
-        f"# {run_name}",
+        f"# {config.short_name()}",
         "",
         f"Registered **{reg['model_name']}** version **{reg['version']}** (`@{reg['alias']}`); "
         f"MLflow run: {url}",
         "",
-        f"Trained {train.manifest['global_step']} steps, final loss "
-        f"{train.manifest['final_loss'] or float('nan'):.4f}. Evaluated on "
-        f"{evaluation.manifest['questions']} held-out questions.",
+        config_summary(config),
+        "",
+        f"**Data**: {counts['train']} training and {counts['eval']} held-out questions; "
+        f"{rejected['train'] + rejected['eval']} malformed records rejected, {dropped} training "
+        "examples dropped (answer cut off by max_seq_len).",
+        "",
+        f"**Training**: {train.manifest['global_step']} steps, final loss "
+        f"{train.manifest['final_loss'] or float('nan'):.4f}"
+        + (f", resumed from step {train.manifest['resumed_from_step']}"
+           if train.manifest.get("resumed_from_step") else "")
+        + f". **Evaluation** on {evaluation.manifest['questions']} held-out questions:",
         "",
         "| | exact match | F1 |",
         "|---|---:|---:|",
@@ -124,7 +158,7 @@ def markdown_report(
 @task(name="report_run")
 def report_run(
     run_id: str,
-    run_name: str,
+    config: PipelineConfig,
     squad: StageOutput,
     tokenized: StageOutput,
     lora: StageOutput,
@@ -143,6 +177,8 @@ def report_run(
     if any(squad.manifest["rejected"].values()):
         client.log_artifact(run_id, str(squad.dir / "rejected.jsonl"), "data")
     backfill_training(run_id, train)
+    if (train.dir / "loss_curve.png").exists():
+        client.log_artifact(run_id, str(train.dir / "loss_curve.png"), "train")
     predictions = read_predictions(evaluation)
     client.log_table(run_id, data=pd.DataFrame(predictions), artifact_file="eval/predictions.json")
     client.log_dict(run_id, evaluation.manifest["metrics"], "eval/metrics.json")
@@ -162,7 +198,7 @@ def report_run(
     client.set_tag(run_id, "squadtune.registered_model", f"{reg['model_name']}/{reg['version']}")
     metrics, base = evaluation.manifest["metrics"], baseline.manifest["metrics"]
     summary = {
-        "run_name": run_name,
+        "run_name": config.short_name(),
         "mlflow_run_id": run_id,
         "model_name": reg["model_name"],
         "model_version": reg["version"],
@@ -179,7 +215,9 @@ def report_run(
     if url.startswith("http"):
         create_link_artifact(url, link_text="MLflow run", key="mlflow-run")
     create_markdown_artifact(
-        markdown_report(run_name, url, evaluation, baseline, registered, train, predictions),
+        markdown_report(
+            config, url, squad, tokenized, evaluation, baseline, registered, train, predictions
+        ),
         key="run-summary",
         description="squadtune run summary: scores against the baseline, worst answers",
     )

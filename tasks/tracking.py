@@ -91,6 +91,15 @@ def run_url(run_id: str) -> str:
     return f"{uri} (experiment {run.info.experiment_id}, run {run_id})"
 
 
+def flow_run_url(flow_run_id: str | None) -> str | None:
+    """The flow run's page in the Prefect UI, when Prefect is a server (not the embedded one)."""
+    api = os.environ.get("PREFECT_API_URL")
+    if not (api and flow_run_id):
+        return None
+    ui = os.environ.get("PREFECT_UI_URL") or api.rstrip("/").removesuffix("/api")
+    return f"{ui}/runs/flow-run/{flow_run_id}"
+
+
 @contextlib.contextmanager
 def mlflow_run(config: PipelineConfig, flow_run_id: str | None, run_name: str) -> Iterator[str]:
     """One MLflow run per flow run: config as params and artifact, tagged with the flow run.
@@ -107,6 +116,10 @@ def mlflow_run(config: PipelineConfig, flow_run_id: str | None, run_name: str) -
         "prefect.flow_run_id": flow_run_id or "",
         "squadtune.git_commit": git_commit(),
     }
+    prefect_url = flow_run_url(flow_run_id)
+    if prefect_url:
+        tags["prefect.flow_run_url"] = prefect_url
+        tags["mlflow.note.content"] = f"Prefect flow run: [{run_name}]({prefect_url})"
     run = client.create_run(exp, run_name=run_name, tags=tags)
     run_id = run.info.run_id
     params = [

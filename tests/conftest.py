@@ -24,6 +24,9 @@ for name, value in {
     "HF_DATASETS_OFFLINE": "1",
     "HF_HOME": str(_SESSION_TMP / "hf"),
     "MLFLOW_TRACKING_URI": f"sqlite:///{_SESSION_TMP / 'mlflow.db'}",
+    # Set here so that no flow run's defaults (tasks.tracking.local_defaults) leak into the
+    # environment of processes that later tests start.
+    "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{_SESSION_TMP / 'prefect.db'}",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(_SESSION_TMP / "prefect-results"),
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -173,3 +176,15 @@ def flow_artifacts(flow_state) -> dict[str, object]:
             )
         )
     return {a.key: a for a in artifacts}
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests run only where CUDA is (select them with `-m gpu`)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -83,6 +83,8 @@ def test_flow_registers_a_candidate_with_lineage_and_a_complete_mlflow_run(first
     assert {"id", "question", "gold_answers", "prediction", "exact_match", "f1"} <= set(table)
     report = flow_artifacts(state)["run-summary"].data
     assert "| baseline (base model, no adapter) |" in report and "## Ten worst answers" in report
+    assert f"**Config** `{config.fingerprint()}`" in report and "LoRA r=8, alpha=16" in report
+    assert f"**Data**: {int(run.data.metrics['data/train_examples'])} training" in report
     assert report.count("\n| ") >= 10 + 3
 
 

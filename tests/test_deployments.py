@@ -1,0 +1,156 @@
+"""Operations end to end against real servers, as a user drives them: `servers.py up` (make up),
+`prefect deploy` (make deploy), `prefect deployment run` with a parameter override, a run failed
+inside training re-run from cache and its checkpoint, training on a second work pool, and
+`servers.py down` (make down) leaving none of its processes behind."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import mlflow
+import pytest
+
+from tests.conftest import ROOT, tiny_config_dict
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    state = tmp_path_factory.mktemp("ops") / "state"
+    ports = {"prefect": free_port(), "mlflow": free_port()}
+    servers_py = [sys.executable, str(ROOT / "deployments" / "servers.py")]
+    common = ["--state-dir", str(state)]
+    subprocess.run(
+        [*servers_py, "up", *common, "--prefect-port", str(ports["prefect"]), "--mlflow-port",
+         str(ports["mlflow"]), "--worker-poll-seconds", "1"],
+        check=True, cwd=ROOT, timeout=300,
+    )
+    env = {**os.environ}
+    for line in (state / "servers" / "env").read_text().splitlines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        env[key] = value
+    pids = [int(p.read_text().split()[0]) for p in (state / "servers").glob("*.pid")]
+    try:
+        yield {"state": state, "env": env, "ports": ports, "pids": pids}
+    finally:
+        subprocess.run([*servers_py, "down", *common], check=True, cwd=ROOT, timeout=120)
+    alive = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+    assert not alive, f"servers.py down left processes running: {alive}"
+
+
+def prefect(servers, *args, check=True):
+    return subprocess.run(
+        [str(BIN / "prefect"), "--no-prompt", *args], env=servers["env"], cwd=ROOT,
+        capture_output=True, text=True, timeout=600, check=check,
+    )
+
+
+def api(servers, path: str, body: dict | None = None):
+    url = f"http://127.0.0.1:{servers['ports']['prefect']}/api/{path}"
+    response = httpx.post(url, json=body or {}) if body is not None else httpx.get(url)
+    response.raise_for_status()
+    return response.json()
+
+
+def run_deployment(servers, name: str, config: dict) -> dict:
+    """`prefect deployment run NAME --param config=... --watch`, then the flow run as the API
+    returns it (the newest run of that deployment)."""
+    prefect(servers, "deployment", "run", name, "--param", f"config={json.dumps(config)}",
+            "--watch", check=False)
+    deployment = api(servers, f"deployments/name/{name}")
+    runs = api(servers, "flow_runs/filter", {
+        "flow_runs": {"deployment_id": {"any_": [deployment["id"]]}},
+        "sort": "EXPECTED_START_TIME_DESC", "limit": 1,
+    })
+    return runs[0]
+
+
+def task_states(servers, flow_run_id: str) -> dict[str, str]:
+    runs = api(servers, "task_runs/filter",
+               {"flow_runs": {"id": {"any_": [flow_run_id]}}})
+    return {r["name"].rsplit("-", 1)[0]: r["state_name"] for r in runs}
+
+
+@pytest.fixture(scope="module")
+def deployed(servers):
+    result = prefect(servers, "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+    assert "finetune/finetune" in result.stdout
+    return servers
+
+
+def test_deployments_are_registered_with_schedule_form_and_limits(deployed):
+    deployments = {d["name"]: d for d in api(deployed, "deployments/filter", {})}
+    assert set(deployments) >= {"finetune", "finetune-gpu", "train-gpu", "promote", "rollback"}
+    weekly = deployments["finetune"]
+    assert weekly["work_pool_name"] == "local"
+    assert [s["active"] for s in weekly["schedules"]] == [False], "schedule created paused"
+    schema = weekly["parameter_openapi_schema"]
+    assert "config" in schema["properties"], "the run form is the typed PipelineConfig"
+    assert "TrainingConfig" in json.dumps(schema["definitions"])
+    assert deployments["train-gpu"]["work_pool_name"] == "gpu"
+    assert deployments["promote"]["global_concurrency_limit"]["limit"] == 1
+    pull = weekly["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]
+    assert pull["directory"] == str(ROOT)
+
+
+def test_run_from_cli_fails_in_training_then_resumes_from_cache(deployed, small_squad_file):
+    state_dir = deployed["state"] / "runs"
+    config = tiny_config_dict(small_squad_file, state_dir)
+    config["registry"]["model_name"] = "squadtune-ops"
+    config["training"]["fail_after_step"] = 2
+    failed = run_deployment(deployed, "finetune/finetune", config)
+    assert failed["state_name"] == "Failed"
+    assert failed["name"].startswith("test-gpt2-random-2x64-r8-"), "run named from the config"
+    assert task_states(deployed, failed["id"])["train_adapter"] == "Failed"
+
+    again = run_deployment(deployed, "finetune/finetune", config)  # same parameters
+    assert again["state_name"] == "Completed", again["state"]["message"]
+    states = task_states(deployed, again["id"])
+    for stage in ("load_squad", "format_and_tokenize", "prepare_base_model", "apply_lora",
+                  "evaluate_baseline"):
+        assert states[stage] == "Cached", stage
+    assert states["train_adapter"] == "Completed"
+    train_dir = next((state_dir / "artifacts" / "train").iterdir())
+    assert json.loads((train_dir / "manifest.json").read_text())["resumed_from_step"] == 2
+
+    server = deployed["env"]["MLFLOW_TRACKING_URI"]
+    client = mlflow.MlflowClient(tracking_uri=server, registry_uri=server)
+    version = client.get_model_version_by_alias("squadtune-ops", "candidate")
+    assert version.tags["prefect.flow_run_id"] == again["id"]
+    run = client.get_run(version.run_id)
+    assert run.data.tags["prefect.flow_run_id"] == again["id"]
+    prefect_ui = f"http://127.0.0.1:{deployed['ports']['prefect']}"
+    assert run.data.tags["prefect.flow_run_url"] == f"{prefect_ui}/runs/flow-run/{again['id']}"
+    assert run.info.status == "FINISHED"
+    artifacts = api(deployed, "artifacts/filter",
+                    {"artifacts": {"flow_run_id": {"any_": [again["id"]]}}})
+    by_key = {a["key"]: a for a in artifacts}
+    link = by_key["mlflow-run"]["data"]  # Prefect stores a link artifact as markdown
+    mlflow_url = deployed["env"]["MLFLOW_TRACKING_URI"]
+    assert f"]({mlflow_url}/#/experiments/" in link and link.endswith(f"/runs/{run.info.run_id})")
+    assert "baseline" in by_key["run-summary"]["data"]
+
+
+def test_training_runs_on_the_gpu_pool(deployed, small_squad_file):
+    config = tiny_config_dict(small_squad_file, deployed["state"] / "gpu-runs")
+    config["registry"]["model_name"] = "squadtune-ops-gpu"
+    config["training"]["deployment"] = "train/train-gpu"
+    run = run_deployment(deployed, "finetune/finetune-gpu", config)
+    assert run["state_name"] == "Completed", run["state"]["message"]
+    assert run["work_pool_name"] == "local"
+    children = api(deployed, "flow_runs/filter",
+                   {"flow_runs": {"parent_flow_run_id": {"any_": [run["id"]]}}})
+    assert [(c["name"][:6], c["work_pool_name"], c["state_name"]) for c in children] == [
+        ("train-", "gpu", "Completed")
+    ]
