@@ -101,3 +101,29 @@ def test_saved_adapter_reloads_with_identical_logits(tmp_path):
     reloaded = PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "adapter").eval()
     assert torch.equal(reloaded(input_ids=ids).logits, expected)
     assert not torch.equal(tiny_gpt2()(input_ids=ids).logits, expected)
+
+
+def test_pretrained_base_from_a_folder_is_resized_for_the_chat_tokens(tmp_path, tokenizer):
+    """The recipe's path (a pretrained GPT-2, hub or folder): embeddings grow by the 4 tokens."""
+    from pipeline_config import ModelConfig
+    from tasks import base_model
+    from tasks.modeling import base_spec, load_base_model
+    from tasks.stage import StageOutput
+    from tests.conftest import TOKENIZER_DIR
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_layer=1, n_head=2, n_embd=32,
+                               n_positions=256)).save_pretrained(tmp_path / "gpt2-folder")
+    cfg = ModelConfig(name_or_path=str(tmp_path / "gpt2-folder"), tokenizer=str(TOKENIZER_DIR))
+    tokenized = StageOutput(stage="tokenized", key="k", path=str(tmp_path),
+                            manifest={"vocab_size": len(tokenizer), "pad_token_id": 50256})
+    manifest = base_model.build(cfg, tokenized, 256, tmp_path)
+    assert manifest["source"] == str(tmp_path / "gpt2-folder") and not manifest["bundled"]
+    assert manifest["n_positions"] == 256
+    with pytest.raises(ValueError, match="exceeds the context window"):
+        base_model.build(cfg, tokenized, 512, tmp_path)
+    base = StageOutput(stage="base_model", key="b", path=str(tmp_path), manifest=manifest)
+    model = load_base_model(base_spec(base), QuantizationConfig())
+    weight = model.get_input_embeddings().weight
+    assert weight.shape[0] == len(tokenizer) == 50261
+    assert torch.allclose(weight[50257:].mean(0), weight[:50257].mean(0), atol=0.05)
