@@ -278,8 +278,13 @@ def read_local(paths: list[str], field: str) -> tuple[list[dict[str, Any]], bool
     return rows, v2
 
 
-def build(cfg: DataConfig, out: Path) -> dict[str, Any]:
-    """Read, validate, split and save both splits as Arrow; returns the manifest."""
+def build(cfg: DataConfig, out: Path, identity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read, validate, split and save both splits as Arrow; returns the manifest.
+
+    `identity` is the source identity the caller keyed the stage on (computed when not given):
+    the hub revision is read once, so the data read is the data the key names.
+    """
+    identity = identity or source_identity(cfg)
     from datasets import Dataset
 
     split_info: dict[str, Any] = {}
@@ -288,7 +293,7 @@ def build(cfg: DataConfig, out: Path) -> dict[str, Any]:
         held, eval_v2 = read_local(cfg.eval_files, "data.eval_files")
         v2 = v2 or eval_v2
     else:
-        revision = hub_revision(cfg)
+        revision = identity["hub_revision"]
         train = read_hub(cfg, cfg.train_split, revision)
         held = read_hub(cfg, cfg.eval_split, revision)
         v2 = "v2" in (cfg.hub_dataset or "").lower()
@@ -312,7 +317,7 @@ def build(cfg: DataConfig, out: Path) -> dict[str, Any]:
     for name, rows in (("train", train), ("eval", held)):
         Dataset.from_list(rows, features=features()).save_to_disk(str(out / name))
     summary = {
-        "source": source_identity(cfg),
+        "source": identity,
         "squad_v2": squad_v2,
         "split": split_info,
         "counts": {"train": len(train), "eval": len(held)},
@@ -333,8 +338,8 @@ def build(cfg: DataConfig, out: Path) -> dict[str, Any]:
     return summary
 
 
-def stage_key(data: DataConfig, **_: Any) -> str:
-    return STAGE.key(data.cache_dict(), source_identity(data))
+def stage_key(data: DataConfig, identity: dict[str, Any] | None = None, **_: Any) -> str:
+    return STAGE.key(data.cache_dict(), identity or source_identity(data))
 
 
 @task(
@@ -345,4 +350,5 @@ def stage_key(data: DataConfig, **_: Any) -> str:
 )
 def load_squad(data: DataConfig, state_dir: str) -> StageOutput:
     """Read SQuAD (hub or local files), validate every record, save train/eval splits as Arrow."""
-    return STAGE.build(state_dir, stage_key(data), lambda out: build(data, out))
+    identity = source_identity(data)  # file hashes, or a hub lookup: once per run
+    return STAGE.build(state_dir, stage_key(data, identity), lambda out: build(data, out, identity))
