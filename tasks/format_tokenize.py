@@ -187,8 +187,11 @@ def stage_key(squad: StageOutput, data: DataConfig, model: ModelConfig, **_: Any
     )
 
 
+# log_prints=False: `datasets` fingerprints through dill, which disassembles functions with `dis`
+# and captures the printout itself; a flow's log_prints would turn each line into a Prefect log.
 @task(
     name="format_and_tokenize",
+    log_prints=False,
     cache_key_fn=STAGE.cache_key_fn(stage_key),
     persist_result=True,
     result_serializer="json",

@@ -342,8 +342,11 @@ def stage_key(data: DataConfig, identity: dict[str, Any] | None = None, **_: Any
     return STAGE.key(data.cache_dict(), identity or source_identity(data))
 
 
+# log_prints=False: `datasets` fingerprints through dill, which disassembles functions with `dis`
+# and captures the printout itself; a flow's log_prints would turn each line into a Prefect log.
 @task(
     name="load_squad",
+    log_prints=False,
     cache_key_fn=STAGE.cache_key_fn(stage_key),
     persist_result=True,
     result_serializer="json",
