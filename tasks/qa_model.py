@@ -1,7 +1,9 @@
 """The served question answerer: the base model plus the trained PEFT adapter, as an MLflow pyfunc.
 
 Logged as a model from code (no pickled objects): MLflow runs this file at load time and serves
-what `set_model` registers. The adapter inside the model is the plain PEFT format.
+what `set_model` registers. The adapter inside the model is the plain PEFT format. A context too
+long for the prompt window is cut exactly as training and evaluation cut it (its end goes), and the
+response's `context_truncated` says so.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 INPUT_COLUMNS = ("context", "question")
+OUTPUT_COLUMNS = ("answer", "context_truncated")
 
 
 def bad_request(message: str) -> MlflowException:
@@ -59,20 +62,35 @@ class SquadQAModel(mlflow.pyfunc.PythonModel):
             if empty:
                 raise bad_request(f"empty {column!r} in row(s) {empty[:10]}; send non-empty text")
         options = {**self.generation, **(params or {})}
+        for name in ("max_new_tokens", "batch_size"):
+            if int(options[name]) < 1:
+                raise bad_request(f"params.{name} is {options[name]}; send a positive number")
+        contexts, questions = list(model_input["context"]), list(model_input["question"])
         try:
             answers = generate_answers(
                 self.model,
                 self.tokenizer,
-                list(model_input["context"]),
-                list(model_input["question"]),
+                contexts,
+                questions,
                 max_new_tokens=int(options["max_new_tokens"]),
                 batch_size=int(options["batch_size"]),
                 max_prompt_tokens=options.get("max_prompt_tokens"),
-                truncate=False,  # a served answer from a silently cut context would mislead
             )
-        except (PromptTooLong, ValueError) as exc:
+        except (PromptTooLong, ValueError) as exc:  # a question alone too long: nothing to cut
             raise bad_request(str(exc)) from exc
-        return pd.DataFrame({"answer": answers})
+        cut = self.truncated(contexts, questions, options)
+        return pd.DataFrame({"answer": answers, "context_truncated": cut})
+
+    def truncated(self, contexts: list[str], questions: list[str], options: dict) -> list[bool]:
+        """Which prompts `generate_answers` cut: longer whole than the prompt budget it uses."""
+        from tasks.chat_format import ChatEncoder
+        from tasks.modeling import context_window
+
+        limit = context_window(self.model) - int(options["max_new_tokens"])
+        if options.get("max_prompt_tokens") is not None:
+            limit = min(limit, int(options["max_prompt_tokens"]))
+        whole = ChatEncoder(self.tokenizer).prompts(contexts, questions, 10**9, truncate=False)
+        return [len(ids) > limit for ids in whole]
 
 
 mlflow.models.set_model(SquadQAModel())

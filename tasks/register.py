@@ -16,16 +16,16 @@ from pipeline_config import (
     ModelConfig,
     PipelineConfig,
     QuantizationConfig,
-    RegistryConfig,
     stable_hash,
 )
 from tasks.modeling import base_spec
 from tasks.stage import Stage, StageOutput, upstream_keys
 from tasks.tracking import git_commit
 
-STAGE = Stage("register", version="1")
+STAGE = Stage("register", version="2")  # 2: MLflow 3 logged model, lean code
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 QA_MODEL_CODE = Path(__file__).resolve().parent / "qa_model.py"
+SERVING_PACKAGES_LOCAL = ("tasks", "pipeline_config")  # our packages the served model may import
 SERVING_PACKAGES = (
     "mlflow", "torch", "transformers", "peft", "accelerate", "safetensors", "pandas",
     "pydantic", "pyyaml", "tqdm",
@@ -49,7 +49,7 @@ def signature(evaluation: EvaluationConfig):
 
     return ModelSignature(
         inputs=Schema([ColSpec("string", "context"), ColSpec("string", "question")]),
-        outputs=Schema([ColSpec("string", "answer")]),
+        outputs=Schema([ColSpec("string", "answer"), ColSpec("boolean", "context_truncated")]),
         params=ParamSchema(
             [
                 ParamSpec("max_new_tokens", "long", evaluation.max_new_tokens),
@@ -59,7 +59,45 @@ def signature(evaluation: EvaluationConfig):
     )
 
 
-def save_pyfunc(
+def serving_modules(entry: Path = QA_MODEL_CODE) -> list[str]:
+    """The project modules the served model imports, found by following `entry`'s imports
+    (also those inside functions) through `tasks` and `pipeline_config`, and nothing else."""
+    import ast
+
+    found, todo = set(), [entry]
+    while todo:
+        tree = ast.parse(todo.pop().read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                parts = name.split(".")
+                if parts[0] not in SERVING_PACKAGES_LOCAL:
+                    continue
+                for depth in range(1, len(parts) + 1):  # each package's __init__ runs too
+                    rel = Path(*parts[:depth])
+                    for path in (rel / "__init__.py", rel.with_suffix(".py")):
+                        if (PACKAGE_ROOT / path).is_file() and str(path) not in found:
+                            found.add(str(path))
+                            todo.append(PACKAGE_ROOT / path)
+    return sorted(found)
+
+
+def stage_code(out: Path) -> list[str]:
+    """Copy the serving modules into `out/code/<package>/`: MLflow ships each folder given as a
+    code path and puts its parent on `sys.path` at load time."""
+    code = out / "code"
+    shutil.rmtree(code, ignore_errors=True)
+    for module in serving_modules():
+        (code / module).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PACKAGE_ROOT / module, code / module)
+    return [str(code / package) for package in sorted(p.name for p in code.iterdir())]
+
+
+def model_files(
     adapter: StageOutput,
     tokenized: StageOutput,
     base: StageOutput,
@@ -67,10 +105,8 @@ def save_pyfunc(
     quantization: QuantizationConfig,
     evaluation: EvaluationConfig,
     out: Path,
-) -> Path:
-    """Write the pyfunc model directory; a local base model travels inside it."""
-    import mlflow
-
+) -> dict[str, str]:
+    """The model's artifacts (adapter, tokenizer, settings, a local base model) by name."""
     spec = base_spec(base)
     settings = {
         "base": {k: spec.get(k) for k in ("source", "revision", "vocab_size", "pad_token_id")},
@@ -90,47 +126,47 @@ def save_pyfunc(
     }
     if Path(spec["source"]).is_dir():
         artifacts["base_model"] = spec["source"]
-    model_dir = out / "qa_model"
-    shutil.rmtree(model_dir, ignore_errors=True)
-    # No input example on purpose: MLflow would load the whole model to run it at save time.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*An input example was not provided")
-        mlflow.pyfunc.save_model(
-            str(model_dir),
-            python_model=str(QA_MODEL_CODE),
-            artifacts=artifacts,
-            code_paths=[str(PACKAGE_ROOT / "tasks"), str(PACKAGE_ROOT / "pipeline_config")],
-            signature=signature(evaluation),
-            pip_requirements=pip_requirements(quantization.enabled),
-        )
-    return model_dir
+    return artifacts
 
 
-def register(model_dir: Path, cfg: RegistryConfig, run_id: str, tags: dict[str, str]) -> dict:
-    """Log the model directory to the run and register it as a new version with the alias."""
+def log_and_register(
+    artifacts: dict[str, str], out: Path, config: PipelineConfig, run_id: str,
+    tags: dict[str, str],
+) -> dict:
+    """Log the pyfunc as an MLflow 3 logged model of the run, then register that logged model
+    (its `models:/m-...` source lets the registry UI read the schema from any artifact store)."""
     import mlflow
 
     client = mlflow.MlflowClient()
-    client.log_artifacts(run_id, str(model_dir), "qa_model")
+    name = config.registry.model_name
     try:
-        client.get_registered_model(cfg.model_name)
+        client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
         client.create_registered_model(
-            cfg.model_name, description="GPT-2 QLoRA adapters for SQuAD question answering."
+            name, description="GPT-2 QLoRA adapters for SQuAD question answering."
         )
-    mv = client.create_model_version(
-        cfg.model_name,
-        source=f"runs:/{run_id}/qa_model",
-        run_id=run_id,
-        tags=tags,
-        description=description(tags),
-    )
-    client.set_registered_model_alias(cfg.model_name, cfg.alias, mv.version)
+    # log_model logs into the active run; system metrics belong to training, not to this.
+    with mlflow.start_run(run_id=run_id, log_system_metrics=False), warnings.catch_warnings():
+        # No input example on purpose: MLflow would load the whole model to run it.
+        warnings.filterwarnings("ignore", message=".*An input example was not provided")
+        info = mlflow.pyfunc.log_model(
+            name="qa_model",
+            python_model=str(QA_MODEL_CODE),
+            artifacts=artifacts,
+            code_paths=stage_code(out),
+            signature=signature(config.evaluation),
+            pip_requirements=pip_requirements(config.quantization.enabled),
+            tags={"squadtune.adapter_key": tags["squadtune.adapter_key"]},
+        )
+    mv = mlflow.register_model(info.model_uri, name, tags=tags)
+    client.update_model_version(name, mv.version, description=description(tags))
+    client.set_registered_model_alias(name, config.registry.alias, mv.version)
     return {
-        "model_name": cfg.model_name,
+        "model_name": name,
         "version": int(mv.version),
-        "alias": cfg.alias,
-        "model_uri": f"models:/{cfg.model_name}/{mv.version}",
+        "alias": config.registry.alias,
+        "model_uri": f"models:/{name}/{mv.version}",
+        "logged_model_uri": info.model_uri,
         "run_id": run_id,
     }
 
@@ -233,11 +269,11 @@ def register_adapter(
         tags = lineage_tags(
             config, squad, base, adapter, evaluation, baseline, flow_run_id, run_id
         )
-        model_dir = save_pyfunc(
+        artifacts = model_files(
             adapter, tokenized, base, config.model, config.quantization, config.evaluation, out
         )
-        info = register(model_dir, config.registry, run_id, tags)
-        shutil.rmtree(model_dir)  # the logged copy in MLflow is the one that counts
+        info = log_and_register(artifacts, out, config, run_id, tags)
+        shutil.rmtree(out / "code")  # the logged copy in MLflow is the one that counts
         return {**info, "adapter_key": adapter.key}
 
     return STAGE.build(state_dir, key, produce)
