@@ -1,82 +1,177 @@
-"""Promotion flows: move a registered adapter up candidate -> staging -> production, or back."""
+"""Promotion flows: move a registered adapter up candidate -> staging -> production, or back.
+
+Every path (`squadtune promote`, the `promote` deployment, a run from the UI) runs these flows, and
+they change the registry only while holding the one slot of the Prefect global concurrency limit
+`squadtune-registry`: two promotions never read the same holder and both move the alias. The limit
+lives in Prefect's database, so it holds across processes and hosts that share the Prefect API.
+A refused or invalid request ends the run Failed with a one-line message, not a traceback.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Literal
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+from prefect.states import Failed
 
+from pipeline_config import InputError
 from tasks import registry
-from tasks.tracking import local_defaults
+from tasks.gate import Gate, PromotionRefused
+
+LIMIT = "squadtune-registry"
+# The gate reads two predictions tables per promotion: MLflow's per-download progress bars would
+# be the bulk of what a promotion prints.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def ensure_limit() -> None:
+    """Create the one-slot limit on first use (idempotent, safe when two processes race)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import (
+        GlobalConcurrencyLimitCreate,
+        GlobalConcurrencyLimitUpdate,
+    )
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            limit = client.read_global_concurrency_limit_by_name(LIMIT)
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):
+                client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=LIMIT, limit=1)
+                )
+            return
+        if limit.limit != 1 or not limit.active:  # someone widened it: that breaks the guarantee
+            client.update_global_concurrency_limit(
+                LIMIT, GlobalConcurrencyLimitUpdate(limit=1, active=True)
+            )
+
+
+@contextlib.contextmanager
+def registry_lock() -> Iterator[None]:
+    from prefect.concurrency.sync import concurrency
+
+    ensure_limit()
+    with concurrency(LIMIT, occupy=1, strict=True):
+        yield
+
+
+def questions_table(changed: list[dict]) -> list[dict]:
+    keys = ("id", "question", "answer", "f1", "previous_answer", "previous_f1")
+    return [{k: row[k] for k in keys} for row in changed]
+
+
+def publish_refusal(name: str, exc: InputError) -> None:
+    create_markdown_artifact(f"# {name}: refused\n\n{exc}", key="promotion")
+    comparison = getattr(exc, "comparison", None)
+    if comparison is not None and comparison.changed:
+        create_table_artifact(questions_table(comparison.changed), key="promotion-questions",
+                              description=comparison.summary())
 
 
 @task(name="promote_version")
-def promote_version(name, to, version, min_delta, force, reason) -> dict:
-    """Check the gate and move the alias (serialized per registered model)."""
-    return asdict(registry.promote(name, to, version, min_delta, force, reason))
+def promote_version(name: str, to: str, version: int | None, gate: Gate, force: bool,
+                    reason: str):
+    """Check the gate and move the alias, holding the registry's one concurrency slot."""
+    with registry_lock():
+        try:
+            return asdict(registry.promote(name, to, version, gate, force, reason))
+        except InputError as exc:  # data, not a failed task: Prefect would log a traceback
+            publish_refusal(name, exc)
+            return {"refused": str(exc)}
 
 
 @task(name="rollback_alias")
-def rollback_alias(name, alias) -> dict:
-    """Restore the previous holder of the alias."""
-    return asdict(registry.rollback(name, alias))
+def rollback_alias(name: str, alias: str):
+    """Restore the previous holder of the alias, holding the registry's concurrency slot."""
+    with registry_lock():
+        try:
+            return asdict(registry.rollback(name, alias))
+        except InputError as exc:
+            publish_refusal(name, exc)
+            return {"refused": str(exc)}
 
 
 @task(name="publish_history")
 def publish_history(name: str, event: dict) -> None:
-    """The event and the model's whole promotion history as Prefect artifacts."""
+    """The event, the questions that changed and the model's whole history as artifacts."""
     verb = "promoted to" if event["action"] == "promote" else "rolled back"
+    gate = ""
+    if event.get("ci_low") is not None:
+        gate = (f"\n\nGate {event['gate']}: F1 difference {event['f1_delta']:+.2f} (95% CI "
+                f"{event['ci_low']:+.2f} to {event['ci_high']:+.2f}); {event['better']} questions "
+                f"better, {event['worse']} worse (MLflow table `{event['comparison_table']}`).")
     create_markdown_artifact(
         f"# {name}: version {event['version']} {verb} @{event['alias']}\n\n"
         f"Previous holder: {event['previous_version']} (F1 {event['previous_f1']}); "
-        f"this version's F1: {event['f1']}. Forced: {event['forced']}. {event['reason']}",
+        f"this version's F1: {event['f1']}. Forced: {event['forced']}. {event['reason']}{gate}",
         key="promotion",
     )
+    if event.get("changed"):
+        create_table_artifact(questions_table(event["changed"]), key="promotion-questions")
     create_table_artifact(registry.read_history(name), key="promotion-history")
 
 
-@flow(name="promote", log_prints=True)
+def _promote_run_name() -> str:
+    p = flow_run.parameters
+    to = p.get("to", "staging")
+    what = f"v{p['version']}" if p.get("version") else "@" + registry.ORDER[
+        registry.ORDER.index(to) - 1]
+    return f"promote {p.get('model_name')} {what} to @{to}" + (" (forced)" if p.get("force")
+                                                                else "")
+
+
+def _rollback_run_name() -> str:
+    p = flow_run.parameters
+    return f"rollback {p.get('model_name')} @{p.get('alias', 'production')}"
+
+
+@flow(name="promote", flow_run_name=_promote_run_name, log_prints=True)
 def promote(
     model_name: str,
     to: Literal["staging", "production"] = "staging",
     version: int | None = None,
-    min_delta: float = 0.0,
+    gate: Gate = Gate(),  # noqa: B008 - a pydantic default, immutable in use
     force: bool = False,
     reason: str = "",
-    state_dir: str = ".squadtune",
-) -> dict:
+):
     """Promote a registered adapter one stage up, behind the F1 gate.
 
     Args:
         model_name: Registered model name in MLflow.
         to: Target alias; the version comes from the alias below it unless `version` is given.
         version: Version to promote; it must hold the alias below `to` unless `force`.
-        min_delta: F1 points the version must gain over the current holder of `to`.
+        gate: How the version must beat the current holder of `to` on the same questions.
         force: Skip the gate and the stage order; needs `reason`, which is recorded.
         reason: Why the gate is skipped.
-        state_dir: Local state (MLflow's SQLite store) when no tracking server is configured.
     """
-    local_defaults(state_dir)
-    event = promote_version(model_name, to, version, min_delta, force, reason)
+    event = promote_version(model_name, to, version, gate, force, reason)
+    if "refused" in event:  # the run ends Failed with the one-line reason as its message
+        return Failed(message=event["refused"])
     publish_history(model_name, event)
     return event
 
 
-@flow(name="rollback", log_prints=True)
-def rollback(
-    model_name: str, alias: Literal["staging", "production"] = "production",
-    state_dir: str = ".squadtune",
-) -> dict:
+@flow(name="rollback", flow_run_name=_rollback_run_name, log_prints=True)
+def rollback(model_name: str, alias: Literal["staging", "production"] = "production"):
     """Give an alias back to the version that held it before the current one.
 
     Args:
         model_name: Registered model name in MLflow.
         alias: The alias to roll back.
-        state_dir: Local state (MLflow's SQLite store) when no tracking server is configured.
     """
-    local_defaults(state_dir)
     event = rollback_alias(model_name, alias)
+    if "refused" in event:
+        return Failed(message=event["refused"])
     publish_history(model_name, event)
     return event
+
+
+__all__ = ["promote", "rollback", "PromotionRefused", "LIMIT"]

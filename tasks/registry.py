@@ -1,41 +1,35 @@
 """Promotion through the MLflow model registry: aliases candidate -> staging -> production.
 
-A version moves up only when its F1 on the same eval set (same hash) is at least the current
-holder's F1 plus `min_delta`; `force` skips the gate and needs a reason. Each promotion and rollback
-is recorded in the version's tags and appended to a history table (an MLflow run per registered
-model, linked from the registered model's `squadtune.history_run_id` tag). Promotions of one model
-are serialized by a lock beside a local (SQLite/file) store; against an MLflow server, run them
-through the `promote` deployment, whose concurrency limit is 1.
+A version moves up only when it beats the current holder on the same eval set (`tasks.gate`);
+`force` skips the gate and needs a reason. Each promotion and rollback is recorded in the version's
+tags and appended to a history table (an MLflow run per registered model, linked from the
+registered model's `squadtune.history_run_id` tag), with the questions that changed.
 
-No Prefect here: the flows in `flows/promote.py` call these functions.
+The aliases are the only record of who holds what: MLflow's legacy stages are left empty (cleared
+if an older squadtune set them), since one version can hold two aliases but only one stage.
+Promotions are serialized by the flows in `flows/promote.py` (a Prefect global concurrency limit),
+which every path (CLI, deployment, UI) runs. No Prefect here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import getpass
 import logging
 import time
 import warnings
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlparse
+
+import pandas as pd
 
 from pipeline_config import InputError
+from tasks.gate import Comparison, Gate, PromotionRefused, check, f1_of
 
 log = logging.getLogger(__name__)
 ORDER = ("candidate", "staging", "production")
-LEGACY_STAGE = {"staging": "Staging", "production": "Production"}
 HISTORY_FILE = "promotion_history.json"
 HISTORY_EXPERIMENT = "squadtune-registry"
-_legacy_warned = False
-
-
-class PromotionRefused(InputError):
-    """The gate or the stage order refused a promotion; the message names both scores."""
+__all__ = ["Gate", "PromotionRefused", "promote", "rollback", "read_history", "check_request"]
 
 
 @dataclass
@@ -52,12 +46,55 @@ class Event:
     forced: bool
     reason: str
     actor: str
+    gate: str = ""  # e.g. "ci, min_delta 0": the rule that let the version through
+    f1_delta: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    better: int | None = None
+    worse: int | None = None
+    comparison_table: str | None = None  # the history run's table of the changed questions
+    # Each question whose F1 changed (id, question, both answers and F1s): in the event a user
+    # sees, in the comparison table, not in the one-row-per-event history.
+    changed: list[dict] = field(default_factory=list, repr=False)
 
 
 def client():
     import mlflow
 
     return mlflow.MlflowClient()
+
+
+def check_name(name: str) -> None:
+    """MLflow's rules for a registered model name, checked before anything is opened."""
+    if not isinstance(name, str) or not name.strip() or name != name.strip():
+        raise InputError(f"model name {name!r} is empty or has surrounding spaces")
+    bad = [c for c in ("/", "\\", ":", "..") if c in name]
+    if bad or any(ord(c) < 32 for c in name) or len(name) > 256:
+        raise InputError(
+            f"invalid model name {name!r}: a registered model name has no '/', '\\', ':', '..' "
+            "or control characters; use the name shown in the MLflow registry"
+        )
+
+
+def check_request(name: str, alias: str, version: int | None = None) -> None:
+    """Everything about a promotion or rollback that is the user's to fix, in one line each."""
+    from mlflow.exceptions import MlflowException
+
+    check_name(name)
+    if alias not in ORDER[1:]:
+        raise InputError(f"alias {alias!r} cannot be promoted to or rolled back; choose one of "
+                         f"{list(ORDER[1:])}")
+    try:
+        client().get_registered_model(name)
+    except MlflowException:
+        known = [m.name for m in client().search_registered_models(max_results=20)]
+        raise InputError(f"no registered model named {name!r}; registered: "
+                         f"{', '.join(known) or 'none'}") from None
+    if version is not None:
+        try:
+            client().get_model_version(name, str(version))
+        except MlflowException:
+            raise InputError(f"{name} has no version {version}") from None
 
 
 def holder(name: str, alias: str):
@@ -70,72 +107,26 @@ def holder(name: str, alias: str):
         return None
 
 
-def f1_of(version) -> float | None:
-    value = version.tags.get("eval.f1")
-    return float(value) if value not in (None, "") else None
+def clear_legacy_stages(name: str) -> None:
+    """Archive versions left in a legacy stage by an older squadtune, so `models:/NAME/Production`
+    never serves a version the aliases no longer name."""
+    staged = [v for v in client().search_model_versions(f"name = '{name}'")
+              if v.current_stage in ("Staging", "Production")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the stages API's deprecation
+        for v in staged:
+            client().transition_model_version_stage(name, v.version, "Archived")
 
 
-@contextlib.contextmanager
-def promotion_lock(name: str) -> Iterator[None]:
-    """An exclusive lock per registered model beside a local store (no-op for a server)."""
+def local_artifacts(experiment: str) -> str | None:
+    """Beside a SQLite store, as the pipeline's experiments are: MLflow's default would be
+    `./mlruns` in whatever directory the command runs from. A server picks its own."""
     import mlflow
 
-    uri = mlflow.get_registry_uri() or mlflow.get_tracking_uri()
-    parsed = urlparse(uri)
-    if parsed.scheme not in ("sqlite", "file", ""):
-        yield
-        return
-    store = Path(parsed.path if parsed.scheme else uri)
-    lock_path = store.parent / f".promote-{name}.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def check_gate(name: str, version, alias: str, current, min_delta: float) -> None:
-    """Raise `PromotionRefused` unless `version` beats the current holder of `alias`."""
-    if current is None:
-        return
-    if current.version == version.version:
-        raise PromotionRefused(f"{name} version {version.version} already holds @{alias}")
-    ours, theirs = f1_of(version), f1_of(current)
-    if ours is None or theirs is None:
-        missing = version.version if ours is None else current.version
-        raise PromotionRefused(
-            f"{name} version {missing} has no eval.f1 tag, so the gate cannot compare; "
-            "promote with --force and a --reason"
-        )
-    ours_set, theirs_set = version.tags.get("eval.set_hash"), current.tags.get("eval.set_hash")
-    if ours_set != theirs_set:
-        raise PromotionRefused(
-            f"{name} version {version.version} (F1 {ours:.2f}) and @{alias} version "
-            f"{current.version} (F1 {theirs:.2f}) were scored on different eval sets "
-            f"({ours_set} vs {theirs_set}); evaluate both on one set, or use --force and a --reason"
-        )
-    if ours < theirs + min_delta:
-        raise PromotionRefused(
-            f"refused: {name} version {version.version} has F1 {ours:.2f}, below @{alias} "
-            f"version {current.version}'s F1 {theirs:.2f} + min_delta {min_delta:g}; "
-            "promote a better version, or use --force and a --reason"
-        )
-
-
-def set_legacy_stage(name: str, version: int, alias: str) -> None:
-    """Mirror the alias as a legacy registry stage while this MLflow still has stages; the
-    deprecation warning is logged once per process rather than hidden."""
-    global _legacy_warned
-    if alias not in LEGACY_STAGE:
-        return
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        client().transition_model_version_stage(name, str(version), LEGACY_STAGE[alias])
-    if caught and not _legacy_warned:
-        _legacy_warned = True
-        log.warning("MLflow says: %s (aliases are the source of truth here)", caught[0].message)
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / experiment).as_uri()
 
 
 def history_run_id(name: str, create: bool = True) -> str | None:
@@ -145,14 +136,15 @@ def history_run_id(name: str, create: bool = True) -> str | None:
         return run_id
     experiment = c.get_experiment_by_name(HISTORY_EXPERIMENT)
     experiment_id = experiment.experiment_id if experiment else c.create_experiment(
-        HISTORY_EXPERIMENT
+        HISTORY_EXPERIMENT, artifact_location=local_artifacts(HISTORY_EXPERIMENT),
+        tags={"mlflow.experimentKind": "custom_model_development"},
     )
     run_id = c.create_run(experiment_id, run_name=f"promotion history: {name}").info.run_id
     c.set_registered_model_tag(name, "squadtune.history_run_id", run_id)
     return run_id
 
 
-def read_history(name: str) -> list[dict[str, Any]]:
+def read_history(name: str) -> list[dict]:
     """Every promotion and rollback of `name`, oldest first."""
     run_id = history_run_id(name, create=False)
     if run_id is None:
@@ -165,13 +157,19 @@ def read_history(name: str) -> list[dict[str, Any]]:
     return table.astype(object).where(table.notna(), None).to_dict("records")
 
 
-def record(event: Event) -> None:
-    """Append the event to the history table and tag the versions it touched."""
-    import pandas as pd
-
+def record(event: Event, comparison: Comparison | None) -> None:
+    """Append the event to the history table (with its changed questions as a table of their
+    own) and tag the versions it touched."""
     c = client()
-    c.log_table(history_run_id(event.model), data=pd.DataFrame([asdict(event)]),
-                artifact_file=HISTORY_FILE)
+    run_id = history_run_id(event.model)
+    if comparison is not None:
+        stamp = event.time.replace(":", "").replace("-", "")
+        event.comparison_table = (f"comparisons/{stamp}-{event.alias}-v{event.version}"
+                                  f"-vs-v{event.previous_version}.json")
+        rows = comparison.changed or [{"id": None}]  # an empty table still says "none changed"
+        c.log_table(run_id, data=pd.DataFrame(rows), artifact_file=event.comparison_table)
+    row = {k: v for k, v in asdict(event).items() if k != "changed"}
+    c.log_table(run_id, data=pd.DataFrame([row]), artifact_file=HISTORY_FILE)
     prefix = f"squadtune.{event.action}.{event.alias}"
     tags = {f"{prefix}.at": event.time, f"{prefix}.by": event.actor}
     if event.forced:
@@ -191,54 +189,56 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def promote(
-    name: str,
-    to: str,
-    version: int | None = None,
-    min_delta: float = 0.0,
-    force: bool = False,
-    reason: str = "",
-    actor: str | None = None,
-) -> Event:
+def _source(name: str, below: str, version: int | None, force: bool):
+    if version is None:
+        source = holder(name, below)
+        if source is None:
+            raise PromotionRefused(f"no version of {name} holds @{below}; name a --version")
+        return source
+    source = client().get_model_version(name, str(version))
+    # Every registered version starts as a candidate; production takes only versions that went
+    # through staging.
+    staged = below == "candidate" or f"squadtune.promote.{below}.at" in source.tags
+    if not staged and not force:
+        raise PromotionRefused(
+            f"{name} version {version} was never @{below}; promote it to {below} "
+            "first, or use --force and a --reason"
+        )
+    return source
+
+
+def promote(name: str, to: str, version: int | None = None, gate: Gate | None = None,
+            force: bool = False, reason: str = "") -> Event:
     """Move `version` (default: the holder of the stage below `to`) up to `@to`, behind the gate."""
-    if to not in ORDER[1:]:
-        raise InputError(f"cannot promote to {to!r}; choose one of {list(ORDER[1:])}")
+    gate = gate or Gate()
+    check_request(name, to, version)
     if force and not reason.strip():
         raise InputError("--force needs a --reason, which is recorded with the promotion")
-    below = ORDER[ORDER.index(to) - 1]
-    with promotion_lock(name):
-        if version is None:
-            source = holder(name, below)
-            if source is None:
-                raise PromotionRefused(f"no version of {name} holds @{below}; name a --version")
-        else:
-            source = client().get_model_version(name, str(version))
-            # Every registered version starts as a candidate; production takes only versions
-            # that went through staging.
-            staged = below == "candidate" or f"squadtune.promote.{below}.at" in source.tags
-            if not staged and not force:
-                raise PromotionRefused(
-                    f"{name} version {version} was never @{below}; promote it to {below} "
-                    "first, or use --force and a --reason"
-                )
-        current = holder(name, to)
-        if not force:
-            check_gate(name, source, to, current, min_delta)
-        client().set_registered_model_alias(name, to, source.version)
-        set_legacy_stage(name, int(source.version), to)
-        event = Event(
-            time=_now(), action="promote", model=name, alias=to, version=int(source.version),
-            previous_version=int(current.version) if current else None, f1=f1_of(source),
-            previous_f1=f1_of(current) if current else None,
-            eval_set_hash=source.tags.get("eval.set_hash"), forced=force, reason=reason,
-            actor=actor or getpass.getuser(),
-        )
-        record(event)
+    source = _source(name, ORDER[ORDER.index(to) - 1], version, force)
+    current = holder(name, to)
+    comparison = None if force else check(name, source, to, current, gate)
+    client().set_registered_model_alias(name, to, source.version)
+    clear_legacy_stages(name)
+    event = Event(
+        time=_now(), action="promote", model=name, alias=to, version=int(source.version),
+        previous_version=int(current.version) if current else None, f1=f1_of(source),
+        previous_f1=f1_of(current) if current else None,
+        eval_set_hash=source.tags.get("eval.set_hash"), forced=force, reason=reason,
+        actor=getpass.getuser(), gate="forced" if force else f"{gate.rule}, min_delta "
+        f"{gate.min_delta:g}",
+    )
+    if comparison is not None:
+        event.f1_delta, event.ci_low, event.ci_high = (
+            comparison.delta, comparison.ci_low, comparison.ci_high)
+        event.better = sum(r["f1_delta"] > 0 for r in comparison.changed)
+        event.worse = len(comparison.changed) - event.better
+        event.changed = comparison.changed
+    record(event, comparison)
     log.info("%s version %s is now @%s", name, event.version, to)
     return event
 
 
-def holders_of(history: list[dict[str, Any]], alias: str) -> list[int]:
+def holders_of(history: list[dict], alias: str) -> list[int]:
     """Replay the history: the stack of versions that held `alias`, current one last."""
     stack: list[int] = []
     for event in history:
@@ -251,28 +251,26 @@ def holders_of(history: list[dict[str, Any]], alias: str) -> list[int]:
     return stack
 
 
-def rollback(name: str, alias: str = "production", actor: str | None = None) -> Event:
+def rollback(name: str, alias: str = "production") -> Event:
     """Give `@alias` back to the version that held it before the current one."""
-    if alias not in ORDER[1:]:
-        raise InputError(f"cannot roll back {alias!r}; choose one of {list(ORDER[1:])}")
-    with promotion_lock(name):
-        stack = holders_of(read_history(name), alias)
-        current = holder(name, alias)
-        if len(stack) < 2 or current is None or int(current.version) != stack[-1]:
-            raise PromotionRefused(
-                f"no earlier @{alias} version of {name} to restore (history: {stack or 'empty'})"
-            )
-        previous = client().get_model_version(name, str(stack[-2]))
-        client().set_registered_model_alias(name, alias, previous.version)
-        set_legacy_stage(name, int(previous.version), alias)
-        event = Event(
-            time=_now(), action="rollback", model=name, alias=alias,
-            version=int(previous.version), previous_version=int(current.version),
-            f1=f1_of(previous), previous_f1=f1_of(current),
-            eval_set_hash=previous.tags.get("eval.set_hash"), forced=False,
-            reason=f"rollback from version {current.version}", actor=actor or getpass.getuser(),
+    check_request(name, alias)
+    stack = holders_of(read_history(name), alias)
+    current = holder(name, alias)
+    if len(stack) < 2 or current is None or int(current.version) != stack[-1]:
+        raise PromotionRefused(
+            f"no earlier @{alias} version of {name} to restore (history: {stack or 'empty'})"
         )
-        record(event)
+    previous = client().get_model_version(name, str(stack[-2]))
+    client().set_registered_model_alias(name, alias, previous.version)
+    clear_legacy_stages(name)
+    event = Event(
+        time=_now(), action="rollback", model=name, alias=alias,
+        version=int(previous.version), previous_version=int(current.version),
+        f1=f1_of(previous), previous_f1=f1_of(current),
+        eval_set_hash=previous.tags.get("eval.set_hash"), forced=False,
+        reason=f"rollback from version {current.version}", actor=getpass.getuser(),
+    )
+    record(event, None)
     log.info("%s @%s rolled back from version %s to %s", name, alias, current.version,
              previous.version)
     return event
