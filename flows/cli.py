@@ -32,12 +32,30 @@ def cmd_run(args) -> int:
 
 
 def cmd_config(args) -> int:
-    print(dump_config(_load(args)), end="")
+    config = _load(args)
+    if args.json:
+        # One JSON object: `prefect deployment run --param config=...` and the Prefect UI's JSON
+        # input take it as it is.
+        print(json.dumps(config.model_dump(mode="json"), indent=2))
+    else:
+        print(dump_config(config), end="")
     return 0
 
 
-def _text(value) -> str | None:
-    return None if value is None else str(value)
+def _predictions(path: str) -> dict[str, str]:
+    try:
+        predictions = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable JSON file ({exc})") from exc
+    if not isinstance(predictions, dict):
+        raise InputError(f"{path}: expected a JSON object of question id -> answer")
+    bad = [k for k, v in predictions.items() if not isinstance(v, str)]
+    if bad:
+        raise InputError(
+            f"{path}: the answer to {bad[0]!r} is {type(predictions[bad[0]]).__name__}, not text"
+            f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; answers must be strings"
+        )
+    return predictions
 
 
 def cmd_score(args) -> int:
@@ -48,16 +66,14 @@ def cmd_score(args) -> int:
     bad = [r for r in rows if r.get("_bad")]
     if bad:
         raise InputError(f"{args.dataset}: {len(bad)} malformed question(s), first: {bad[0]}")
-    try:
-        predictions = json.loads(Path(args.predictions).read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{args.predictions}: not a readable JSON file ({exc})") from exc
-    if not isinstance(predictions, dict):
-        raise InputError(f"{args.predictions}: expected a JSON object of question id -> answer")
-    # Aligned with the references; None marks an unanswered question, which scores 0.
+    predictions = _predictions(args.predictions)
+    # Aligned with the references; an unanswered question gets an id no reference has, which
+    # the metric scores 0 (an all-None column would not even type-check).
     scores = load_squad_metric().compute(
         predictions=[
-            {"id": r["id"], "prediction_text": _text(predictions.get(r["id"]))} for r in rows
+            {"id": r["id"], "prediction_text": predictions[r["id"]]} if r["id"] in predictions
+            else {"id": f"\0unanswered:{r['id']}", "prediction_text": ""}
+            for r in rows
         ],
         references=[{"id": r["id"], "answers": r["answers"]} for r in rows],
         squad_v2=squad_v2 or any(r["unanswerable"] for r in rows),
@@ -66,19 +82,34 @@ def cmd_score(args) -> int:
     return 0
 
 
-def cmd_ask(args) -> int:
-    import mlflow
-    import pandas as pd
+def _mlflow_error(exc: Exception) -> InputError:
+    """MLflow's message without its stack: the first line names the problem."""
+    return InputError(str(getattr(exc, "message", exc)).strip().splitlines()[0])
 
+
+def cmd_ask(args) -> int:
     from tasks.tracking import local_defaults
 
     local_defaults(args.state_dir)
-    model = mlflow.pyfunc.load_model(args.model)
+    import mlflow
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = mlflow.pyfunc.load_model(args.model)
+    except MlflowException as exc:
+        raise InputError(f"cannot load {args.model}: {_mlflow_error(exc)}") from None
     params = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else None
-    out = model.predict(
-        pd.DataFrame({"context": [args.context], "question": [args.question]}), params=params
-    )
+    try:
+        out = model.predict(
+            pd.DataFrame({"context": [args.context], "question": [args.question]}), params=params
+        )
+    except MlflowException as exc:
+        raise _mlflow_error(exc) from None
     print(out["answer"].iloc[0])
+    if "context_truncated" in out and bool(out["context_truncated"].iloc[0]):
+        print("squadtune: the context was cut to fit the model's prompt window, as in training",
+              file=sys.stderr)
     return 0
 
 
@@ -86,24 +117,44 @@ def cmd_promote(args) -> int:
     from tasks.tracking import local_defaults
 
     local_defaults(args.state_dir)
+    from tasks import registry
+
+    if args.force and not (args.reason or "").strip():
+        raise InputError("--force needs a --reason, which is recorded with the promotion")
+    registry.check_request(args.model, args.to, args.version)  # one line, before Prefect starts
     from flows.promote import promote
 
-    event = promote(
-        args.model, args.to, args.version, args.min_delta, args.force, args.reason or "",
-        args.state_dir,
-    )
-    print(json.dumps(event))
-    return 0
+    gate = registry.Gate(rule=args.gate, min_delta=args.min_delta)
+    state = promote(args.model, args.to, args.version, gate, args.force, args.reason or "",
+                    return_state=True)
+    return _finish(state)
 
 
 def cmd_rollback(args) -> int:
     from tasks.tracking import local_defaults
 
     local_defaults(args.state_dir)
+    from tasks import registry
+
+    registry.check_request(args.model, args.alias)
     from flows.promote import rollback
 
-    print(json.dumps(rollback(args.model, args.alias, args.state_dir)))
+    return _finish(rollback(args.model, args.alias, return_state=True))
+
+
+def _finish(state) -> int:
+    """Print the event, or the refusal's one line (exit 2)."""
+    if not state.is_completed():
+        raise InputError(state.message or f"the flow run ended {state.name}")
+    print(json.dumps(state.result()))
     return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number of tokens")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -122,7 +173,10 @@ def parser() -> argparse.ArgumentParser:
         return sp
 
     with_config("run", "run the fine-tuning flow").set_defaults(fn=cmd_run)
-    with_config("config", "print the resolved config").set_defaults(fn=cmd_config)
+    config = with_config("config", "print the resolved config (YAML, or JSON with --json)")
+    config.add_argument("--json", action="store_true",
+                        help="JSON for `prefect deployment run --param config=...` and the UI")
+    config.set_defaults(fn=cmd_config)
 
     score = sub.add_parser("score", help="official-compatible SQuAD EM/F1 of a predictions file")
     score.add_argument("dataset", help="SQuAD JSON or JSON.gz (v1.1 or v2.0)")
@@ -135,7 +189,7 @@ def parser() -> argparse.ArgumentParser:
     )
     ask.add_argument("--context", required=True)
     ask.add_argument("--question", required=True)
-    ask.add_argument("--max-new-tokens", type=int, default=None)
+    ask.add_argument("--max-new-tokens", type=_positive, default=None)
     ask.add_argument("--state-dir", default=".squadtune", help="local state when no server is set")
     ask.set_defaults(fn=cmd_ask)
 
@@ -144,17 +198,22 @@ def parser() -> argparse.ArgumentParser:
     promote.add_argument("--to", choices=["staging", "production"], default="staging")
     promote.add_argument("--version", type=int, default=None,
                          help="default: the version holding the alias below --to")
+    promote.add_argument("--gate", choices=["ci", "mean"], default="ci",
+                         help="ci (default): the paired bootstrap 95%% CI's lower bound of the "
+                         "per-question F1 difference must reach --min-delta; mean: the F1 means")
     promote.add_argument("--min-delta", type=float, default=0.0,
-                         help="F1 points to gain over the current holder")
+                         help="F1 points (0-100) to gain over the current holder")
     promote.add_argument("--force", action="store_true", help="skip the gate (needs --reason)")
     promote.add_argument("--reason", default=None)
-    promote.add_argument("--state-dir", default=".squadtune")
+    promote.add_argument("--state-dir", default=".squadtune",
+                         help="local state when no server is set")
     promote.set_defaults(fn=cmd_promote)
 
     rollback = sub.add_parser("rollback", help="restore the previous holder of an alias")
-    rollback.add_argument("alias", choices=["staging", "production"])
-    rollback.add_argument("--model", required=True, help="registered model name")
-    rollback.add_argument("--state-dir", default=".squadtune")
+    rollback.add_argument("model", help="registered model name")
+    rollback.add_argument("--alias", choices=["staging", "production"], default="production")
+    rollback.add_argument("--state-dir", default=".squadtune",
+                          help="local state when no server is set")
     rollback.set_defaults(fn=cmd_rollback)
     return p
 

@@ -77,3 +77,39 @@ def test_config_command_and_bad_override(capsys):
     assert code == 0 and "max_steps: 9" in out
     code, _, err = run_cli(capsys, "run", "--config", "demo", "training.max_stepz=9")
     assert code == 2 and "training.max_stepz: unknown key" in err
+
+
+def test_config_json_is_what_deployment_runs_and_the_ui_accept(capsys):
+    from pipeline_config import PipelineConfig, load_config
+
+    code, out, _ = run_cli(capsys, "config", "--config", "demo", "--json", "training.max_steps=9")
+    assert code == 0
+    data = json.loads(out)
+    assert data == load_config("demo", ["training.max_steps=9"]).model_dump(mode="json")
+    assert PipelineConfig.model_validate(data).training.max_steps == 9
+
+
+def test_score_without_any_prediction_scores_zero(tmp_path, capsys):
+    dataset = small_file(tmp_path, version="v2.0")
+    (tmp_path / "pred.json").write_text("{}")
+    code, out, err = run_cli(capsys, "score", str(dataset), str(tmp_path / "pred.json"))
+    assert (code, err) == (0, "")
+    scores = json.loads(out)
+    assert (scores["exact_match"], scores["f1"], scores["NoAns_exact"]) == (0.0, 0.0, 0.0)
+
+
+def test_score_refuses_non_text_answers_naming_the_id(tmp_path, capsys):
+    dataset = small_file(tmp_path)
+    (tmp_path / "pred.json").write_text(json.dumps({"q1": "Normans", "q2": 1066, "q3": None}))
+    code, out, err = run_cli(capsys, "score", str(dataset), str(tmp_path / "pred.json"))
+    assert (code, out) == (2, "")
+    assert err == (f"squadtune: {tmp_path / 'pred.json'}: the answer to 'q2' is int, not text "
+                   "(and 1 more); answers must be strings\n")
+
+
+def test_ask_refuses_a_zero_token_answer(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["ask", "--model", "models:/m@candidate", "--context", "c", "--question", "q",
+              "--max-new-tokens", "0"])
+    assert exit_.value.code == 2
+    assert "0 is not a positive number of tokens" in capsys.readouterr().err

@@ -3,6 +3,7 @@ legacy stages, on a real MLflow SQLite registry whose versions come from runs wi
 predictions tables, as the pipeline logs them."""
 
 import shutil
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -29,14 +30,12 @@ def scores_of(version: int) -> list[float]:
     return f1
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    """A SQLite registry built once: versions 1-3 from runs scored on one eval set, v4 on
-    another. Each test gets a copy of the database (the runs' tables are only read)."""
-    root = tmp_path_factory.mktemp("registry-template")
+def build_registry(root: Path, name: str = NAME) -> Path:
+    """A SQLite registry: versions 1-3 of `name` from runs scored on one eval set (per-question
+    predictions tables as the pipeline logs them), v4 on another; v1 is @candidate."""
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     experiment = client.create_experiment("runs", artifact_location=(root / "a").as_uri())
-    client.create_registered_model(NAME)
+    client.create_registered_model(name)
     for version in (1, 2, 3, 4):
         f1 = scores_of(version) if version < 4 else [90.0] * QUESTIONS
         run_id = client.create_run(experiment).info.run_id
@@ -49,10 +48,16 @@ def template(tmp_path_factory):
         client.log_table(run_id, data=table, artifact_file="eval/predictions.json")
         tags = {"eval.f1": f"{sum(f1) / QUESTIONS:.4f}",
                 "eval.set_hash": "set-a" if version < 4 else "set-b"}
-        mv = client.create_model_version(NAME, source=str(root), run_id=run_id, tags=tags)
+        mv = client.create_model_version(name, source=str(root), run_id=run_id, tags=tags)
         assert int(mv.version) == version
-    client.set_registered_model_alias(NAME, "candidate", "1")
+    client.set_registered_model_alias(name, "candidate", "1")
     return root / "mlflow.db"
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    """Built once; each test gets a copy of the database (the runs' tables are only read)."""
+    return build_registry(tmp_path_factory.mktemp("registry-template"))
 
 
 @pytest.fixture
