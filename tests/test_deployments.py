@@ -1,13 +1,16 @@
 """Operations end to end against real servers, as a user drives them: `servers.py up` (make up),
-`prefect deploy` (make deploy), `prefect deployment run` with a parameter override, a run failed
-inside training re-run from cache and its checkpoint, training on a second work pool, and
-`servers.py down` (make down) leaving none of its processes behind."""
+`prefect deploy` (make deploy) with each preset's run form generated from its YAML,
+`prefect deployment run` with a parameter override, a run failed inside training re-run from cache
+and its checkpoint, training on a second work pool, the registry UI reading the registered
+model's schema, promotions from the CLI and a deployment serialized by the registry's concurrency
+limit, and `servers.py down` (make down) leaving none of its processes behind."""
 
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -85,22 +88,32 @@ def task_states(servers, flow_run_id: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def deployed(servers):
     result = prefect(servers, "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
-    assert "finetune/finetune" in result.stdout
+    assert "finetune/finetune-demo" in result.stdout
     return servers
 
 
-def test_deployments_are_registered_with_schedule_form_and_limits(deployed):
+def test_each_preset_is_a_deployment_whose_form_defaults_are_its_yaml(deployed):
+    from pipeline_config import load_config
+
     deployments = {d["name"]: d for d in api(deployed, "deployments/filter", {})}
-    assert set(deployments) >= {"finetune", "finetune-gpu", "train-gpu", "promote", "rollback"}
-    weekly = deployments["finetune"]
-    assert weekly["work_pool_name"] == "local"
-    assert [s["active"] for s in weekly["schedules"]] == [False], "schedule created paused"
-    schema = weekly["parameter_openapi_schema"]
+    assert set(deployments) == {
+        "finetune-demo", "finetune-gpt2-qlora", "train-gpu", "promote", "rollback"
+    }
+    demo, recipe = deployments["finetune-demo"], deployments["finetune-gpt2-qlora"]
+    assert demo["parameters"]["config"] == load_config("demo").model_dump(mode="json")
+    assert recipe["parameters"]["config"] == load_config(
+        "gpt2_squad_qlora", ["training.deployment=train/train-gpu"]
+    ).model_dump(mode="json")
+    assert (demo["work_pool_name"], demo["schedules"]) == ("local", [])
+    assert recipe["work_pool_name"] == "local"
+    assert [s["active"] for s in recipe["schedules"]] == [False], "weekly, created paused"
+    schema = demo["parameter_openapi_schema"]
     assert "config" in schema["properties"], "the run form is the typed PipelineConfig"
     assert "TrainingConfig" in json.dumps(schema["definitions"])
     assert deployments["train-gpu"]["work_pool_name"] == "gpu"
-    assert deployments["promote"]["global_concurrency_limit"]["limit"] == 1
-    pull = weekly["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]
+    promote = deployments["promote"]["parameter_openapi_schema"]["properties"]
+    assert set(promote) == {"model_name", "to", "version", "gate", "force", "reason"}
+    pull = demo["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]
     assert pull["directory"] == str(ROOT)
 
 
@@ -109,12 +122,12 @@ def test_run_from_cli_fails_in_training_then_resumes_from_cache(deployed, small_
     config = tiny_config_dict(small_squad_file, state_dir)
     config["registry"]["model_name"] = "squadtune-ops"
     config["training"]["fail_after_step"] = 2
-    failed = run_deployment(deployed, "finetune/finetune", config)
+    failed = run_deployment(deployed, "finetune/finetune-demo", config)
     assert failed["state_name"] == "Failed"
     assert failed["name"].startswith("test-gpt2-random-2x64-r8-"), "run named from the config"
     assert task_states(deployed, failed["id"])["train_adapter"] == "Failed"
 
-    again = run_deployment(deployed, "finetune/finetune", config)  # same parameters
+    again = run_deployment(deployed, "finetune/finetune-demo", config)  # same parameters
     assert again["state_name"] == "Completed", again["state"]["message"]
     states = task_states(deployed, again["id"])
     for stage in ("load_squad", "format_and_tokenize", "prepare_base_model", "apply_lora",
@@ -141,12 +154,20 @@ def test_run_from_cli_fails_in_training_then_resumes_from_cache(deployed, small_
     assert f"]({mlflow_url}/#/experiments/" in link and link.endswith(f"/runs/{run.info.run_id})")
     assert "baseline" in by_key["run-summary"]["data"]
 
+    # The registry UI's call for the version page's Schema: a runs:/ source on this server's
+    # mlflow-artifacts storage answered INTERNAL_ERROR; a registered logged model answers.
+    page = httpx.get(f"{mlflow_url}/model-versions/get-artifact",
+                     params={"name": "squadtune-ops", "version": version.version,
+                             "path": "MLmodel"})
+    assert page.status_code == 200, page.text[:500]
+    assert "context_truncated" in page.text and "max_new_tokens" in page.text
+
 
 def test_training_runs_on_the_gpu_pool(deployed, small_squad_file):
     config = tiny_config_dict(small_squad_file, deployed["state"] / "gpu-runs")
     config["registry"]["model_name"] = "squadtune-ops-gpu"
     config["training"]["deployment"] = "train/train-gpu"
-    run = run_deployment(deployed, "finetune/finetune-gpu", config)
+    run = run_deployment(deployed, "finetune/finetune-gpt2-qlora", config)
     assert run["state_name"] == "Completed", run["state"]["message"]
     assert run["work_pool_name"] == "local"
     children = api(deployed, "flow_runs/filter",
@@ -154,3 +175,83 @@ def test_training_runs_on_the_gpu_pool(deployed, small_squad_file):
     assert [(c["name"][:6], c["work_pool_name"], c["state_name"]) for c in children] == [
         ("train-", "gpu", "Completed")
     ]
+
+
+HOLD_THE_REGISTRY = """
+import sys
+import time
+from prefect.concurrency.sync import concurrency
+from flows.promote import LIMIT, ensure_limit
+ensure_limit()
+with concurrency(LIMIT, strict=True):
+    print("held", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def alias_version(client, name, alias):
+    try:
+        return int(client.get_model_version_by_alias(name, alias).version)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def test_cli_and_deployment_promotions_wait_for_each_other(deployed, tmp_path):
+    """While another process holds the registry's slot, neither a CLI promotion nor a deployment
+    run moves @production; released, they go one at a time: one holder, each history entry
+    seeing the one before (v2 and v3 race; v2 ends up holding @production either way)."""
+    from tests.test_registry import build_registry
+
+    server, name = deployed["env"]["MLFLOW_TRACKING_URI"], "squadtune-race"
+    build_registry(tmp_path, name, uri=server)
+    client = mlflow.MlflowClient(tracking_uri=server, registry_uri=server)
+    env = {**deployed["env"], "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    squadtune = str(BIN / "squadtune")
+    for version in ("1", "3", "2"):  # all staged, v1 in production
+        client.set_registered_model_alias(name, "candidate", version)
+        subprocess.run([squadtune, "promote", name, "--to", "staging", "--gate", "mean"],
+                       env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run([squadtune, "promote", name, "--to", "production", "--version", "1"],
+                   env=env, check=True, capture_output=True, timeout=300)
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_REGISTRY], cwd=ROOT, env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    cli = subprocess.Popen(
+        [squadtune, "promote", name, "--to", "production", "--version", "2", "--gate", "mean"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    prefect(deployed, "deployment", "run", "promote/promote", "--param", f"model_name={name}",
+            "--param", "to=production", "--param", "version=3",
+            "--param", 'gate={"rule": "mean"}')
+    waiting = []
+    for _ in range(120):  # both flow runs started, and blocked
+        waiting = api(deployed, "flow_runs/filter", {"flow_runs": {
+            "name": {"like_": f"promote {name} v"}, "state": {"type": {"any_": ["RUNNING"]}}}})
+        if len(waiting) == 2:
+            break
+        time.sleep(1)
+    assert len(waiting) == 2, "both promotions should be running and waiting"
+    time.sleep(3)
+    assert alias_version(client, name, "production") == 1, "moved while the registry was held"
+    holder.communicate("\n", timeout=60)
+
+    cli.wait(300)
+    for _ in range(300):
+        runs = api(deployed, "flow_runs/filter", {"flow_runs": {
+            "name": {"like_": f"promote {name} v3"}}})
+        if runs and runs[0]["state_type"] in ("COMPLETED", "FAILED", "CRASHED"):
+            break
+        time.sleep(1)
+    assert alias_version(client, name, "production") == 2
+    from tasks import registry
+
+    mlflow.set_tracking_uri(server)
+    try:
+        production = [h for h in registry.read_history(name) if h["alias"] == "production"]
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert [h["previous_version"] for h in production][1:] == [
+        h["version"] for h in production
+    ][:-1], f"each promotion saw the previous one's result: {production}"
+    assert production[-1]["version"] == 2 and {h["version"] for h in production[1:]} >= {2}

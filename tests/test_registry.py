@@ -30,11 +30,15 @@ def scores_of(version: int) -> list[float]:
     return f1
 
 
-def build_registry(root: Path, name: str = NAME) -> Path:
-    """A SQLite registry: versions 1-3 of `name` from runs scored on one eval set (per-question
-    predictions tables as the pipeline logs them), v4 on another; v1 is @candidate."""
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-    experiment = client.create_experiment("runs", artifact_location=(root / "a").as_uri())
+def build_registry(root: Path, name: str = NAME, uri: str | None = None) -> Path:
+    """A registry (SQLite in `root` unless `uri` names a server): versions 1-3 of `name` from runs
+    scored on one eval set (per-question predictions tables as the pipeline logs them), v4 on
+    another; v1 is @candidate."""
+    local = uri is None
+    client = mlflow.MlflowClient(tracking_uri=uri or f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.create_experiment(
+        f"runs-{name}", artifact_location=(root / "a").as_uri() if local else None
+    )
     client.create_registered_model(name)
     for version in (1, 2, 3, 4):
         f1 = scores_of(version) if version < 4 else [90.0] * QUESTIONS
@@ -48,7 +52,8 @@ def build_registry(root: Path, name: str = NAME) -> Path:
         client.log_table(run_id, data=table, artifact_file="eval/predictions.json")
         tags = {"eval.f1": f"{sum(f1) / QUESTIONS:.4f}",
                 "eval.set_hash": "set-a" if version < 4 else "set-b"}
-        mv = client.create_model_version(name, source=str(root), run_id=run_id, tags=tags)
+        source = str(root) if local else f"runs:/{run_id}/eval"  # a server wants a run's path
+        mv = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
         assert int(mv.version) == version
     client.set_registered_model_alias(name, "candidate", "1")
     return root / "mlflow.db"
