@@ -123,10 +123,15 @@ def test_long_context_is_cut_as_evaluation_cuts_it_and_said_so(registered, squad
     python_model = served.unwrap_python_model()
     tokens = python_model.tokenizer
     paragraphs = [p["context"] for a in squad_doc["data"][:20] for p in a["paragraphs"]]
-    # Over the 320-token budget but under the 512-token window: only the training cut applies.
-    long = next(p for p in paragraphs if 360 < len(tokens(p)["input_ids"]) < 440)
+    from tasks.chat_format import ChatEncoder
+
+    question = "What is it about?"
+    whole = ChatEncoder(tokens).prompts(paragraphs, [question] * len(paragraphs), 10**9, False)
+    # A prompt over the 320-token budget yet under the 512-token window minus the answer: only
+    # the training cut (max_seq_len) applies to it.
+    long = next(p for p, ids in zip(paragraphs, whole, strict=True) if 360 < len(ids) < 480)
     short = "Paris is in France."
-    frame = pd.DataFrame({"context": [long, short], "question": ["What is it about?"] * 2})
+    frame = pd.DataFrame({"context": [long, short], "question": [question] * 2})
     out = served.predict(frame, params={"max_new_tokens": 4})
     assert list(out["context_truncated"]) == [True, False]
     evaluated = generate_answers(
