@@ -129,6 +129,21 @@ class RandomInitConfig(Section):
     n_embd: int = Field(256, ge=8, description="Hidden width; a multiple of n_head.")
     n_positions: int = Field(1024, ge=64, description="Context window in tokens.")
     seed: int = Field(0, description="Seed of the random weights.")
+    logit_cap: float = Field(
+        40.0,
+        gt=0,
+        description="Largest logit (nats) the LM head can reach at initialisation, set through "
+        "the final layer norm's gain. GPT2Config's defaults cap it near 5, so no answer token "
+        "can win a softmax over 50,257 tokens; a pretrained GPT-2 spans tens of nats.",
+    )
+    attention_logit_std: float = Field(
+        1.0,
+        gt=0,
+        description="Spread of the attention scores at initialisation, set through each block's "
+        "first layer norm gain. GPT2Config's defaults give ~0.05 (uniform attention: every "
+        "position sees the mean of the prompt, and questions about one context look alike); a "
+        "trained model's attention is peaked.",
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> RandomInitConfig:

@@ -11,10 +11,32 @@ from pipeline_config import ModelConfig
 from pipeline_config.checks import looks_local
 from tasks.stage import Stage, StageOutput
 
-STAGE = Stage("base_model", version="1")
+# v2: the random GPT-2 has a realistic logit scale and attention spread (layer norm gains).
+STAGE = Stage("base_model", version="2")
 
 
 def build_random_gpt2(model: ModelConfig, vocab_size: int, out: Path) -> None:
+    """A GPT-2 of the configured shape with random weights, at realistic scales.
+
+    GPT2Config's defaults (weights of std `initializer_range` = 0.02, tied LM head, layer norm
+    gains 1) make a model that no fine-tuning can teach much, for two reasons:
+
+    * Logits. A logit is the dot product of a final hidden state of norm sqrt(n_embd) with an
+      embedding row of norm 0.02 * sqrt(n_embd), so every real token's logit is capped near
+      0.02 * n_embd (about 5 at width 256) and no answer token can win a softmax over 50,257
+      (loss floor ~5.8 nats), while the added chat tokens' rows train freely: greedy decoding
+      emits `<|end|>` first and every answer is empty. A pretrained GPT-2's logits span tens of
+      nats: the final layer norm's gain is set so the cap is `logit_cap`.
+    * Attention. A score q.k / sqrt(d_head) has std (0.02^2 * n_embd) * gain^2 (~0.05 at width
+      128): attention is uniform, each position sees the mean of the whole prompt, and two
+      questions about one context look nearly alike (LoRA then confuses their answers). A
+      trained model's attention is peaked: each block's first layer norm gain is set so the
+      scores' std is `attention_logit_std`.
+
+    Only layer norm gains change, none of the weights LoRA or the new-token rows train.
+    """
+    import math
+
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -27,7 +49,15 @@ def build_random_gpt2(model: ModelConfig, vocab_size: int, out: Path) -> None:
         n_positions=shape.n_positions,
     )
     torch.manual_seed(shape.seed)
-    GPT2LMHeadModel(config).save_pretrained(str(out / "model"), safe_serialization=True)
+    gpt2 = GPT2LMHeadModel(config)
+    weight_var = config.initializer_range**2 * config.n_embd
+    with torch.no_grad():
+        gpt2.transformer.ln_f.weight.fill_(
+            shape.logit_cap / (config.initializer_range * config.n_embd)
+        )
+        for block in gpt2.transformer.h:
+            block.ln_1.weight.fill_(math.sqrt(shape.attention_logit_std / weight_var))
+    gpt2.save_pretrained(str(out / "model"), safe_serialization=True)
 
 
 def describe_pretrained(model: ModelConfig) -> dict[str, Any]:
