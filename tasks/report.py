@@ -14,36 +14,44 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from pipeline_config import PipelineConfig
 from tasks.stage import StageOutput
-from tasks.tracking import log_metrics, metric_name, run_url
+from tasks.tracking import log_metrics, logged_steps, metric_name, run_url
 
 
 def backfill_training(run_id: str, train: StageOutput) -> int:
-    """Log training history this run did not log live (cached, or resumed from a checkpoint)."""
-    manifest = train.manifest
-    live_from = manifest["resumed_from_step"] if manifest.get("mlflow_run_id") == run_id else None
+    """Log the training history the run does not hold yet: all of it for a cached stage, the
+    steps before the checkpoint a resumed one started from; never a step twice."""
+    entries = [
+        (e.get("step", 0), {metric_name(k): v for k, v in e.items() if k != "step"})
+        for e in train.manifest.get("log_history", [])
+    ]
+    present = {name: logged_steps(run_id, name) for name in {n for _, m in entries for n in m}}
     sent = 0
-    for entry in manifest.get("log_history", []):
-        step = entry.get("step", 0)
-        if live_from is not None and step > live_from:
-            continue
-        log_metrics(run_id, {metric_name(k): v for k, v in entry.items() if k != "step"}, step)
-        sent += 1
+    for step, metrics in entries:
+        missing = {name: v for name, v in metrics.items() if step not in present[name]}
+        if missing:
+            log_metrics(run_id, missing, step)
+            sent += 1
     return sent
 
 
-def data_metrics(squad: StageOutput, tokenized: StageOutput) -> dict[str, float]:
-    """Counts of what the data stages read, rejected, cut and dropped."""
-    train = tokenized.manifest["splits"]["train"]
+def one_point_params(squad: StageOutput, tokenized: StageOutput, lora: StageOutput,
+                     train: StageOutput) -> dict[str, Any]:
+    """Figures a run has one of (what the data stages read, rejected, cut and dropped; model and
+    adapter sizes): params, so that the metric charts are the curves and the scores."""
+    split = tokenized.manifest["splits"]["train"]
     return {
-        "data/train_examples": squad.manifest["counts"]["train"],
-        "data/eval_examples": squad.manifest["counts"]["eval"],
-        "data/rejected_train": squad.manifest["rejected"]["train"],
-        "data/rejected_eval": squad.manifest["rejected"]["eval"],
-        "data/truncated_train": train["truncated"],
-        "data/dropped_train": sum(train["dropped"].values()),
-        "data/train_tokens": train["tokens"],
-        "data/train_length_p50": train["length_percentiles"]["p50"],
-        "data/train_length_p99": train["length_percentiles"]["p99"],
+        "data.train_examples": squad.manifest["counts"]["train"],
+        "data.eval_examples": squad.manifest["counts"]["eval"],
+        "data.rejected_train": squad.manifest["rejected"]["train"],
+        "data.rejected_eval": squad.manifest["rejected"]["eval"],
+        "data.truncated_train": split["truncated"],
+        "data.dropped_train": sum(split["dropped"].values()),
+        "data.train_tokens": split["tokens"],
+        "data.train_length_p50": split["length_percentiles"]["p50"],
+        "data.train_length_p99": split["length_percentiles"]["p99"],
+        "model.trainable_parameters": lora.manifest["parameters"]["trainable"],
+        "model.total_parameters": lora.manifest["parameters"]["total"],
+        "adapter.bytes": train.manifest["adapter_bytes"],
     }
 
 
@@ -57,10 +65,11 @@ def eval_metrics(evaluation: StageOutput, baseline: StageOutput) -> dict[str, fl
             if isinstance(base.get(name), (int, float)) and not name.endswith("_total"):
                 out[f"eval/baseline_{name}"] = base[name]
                 out[f"eval/gain_{name}"] = value - base[name]
+    # A section of their own, below the headline scores in MLflow's charts.
     for bucket, scores in ours["by_answer_length"].items():
         slug = bucket.replace(" ", "_").replace("+", "plus")
-        out[f"eval/f1_{slug}"] = scores["f1"]
-        out[f"eval/exact_match_{slug}"] = scores["exact_match"]
+        out[f"eval_by_answer_length/f1_{slug}"] = scores["f1"]
+        out[f"eval_by_answer_length/exact_match_{slug}"] = scores["exact_match"]
     return out
 
 
@@ -112,6 +121,8 @@ def markdown_report(
         "",
         config_summary(config),
         "",
+        what_it_can_show(config),
+        "",
         f"**Data**: {counts['train']} training and {counts['eval']} held-out questions; "
         f"{rejected['train'] + rejected['eval']} malformed records rejected, {dropped} training "
         "examples dropped (answer cut off by max_seq_len).",
@@ -155,6 +166,51 @@ def markdown_report(
     return "\n".join(lines)
 
 
+def log_params(run_id: str, params: dict[str, Any]) -> None:
+    """Log params the run does not hold yet (a continued run already has them)."""
+    import mlflow
+    from mlflow.entities import Param
+
+    client = mlflow.MlflowClient()
+    present = client.get_run(run_id).data.params
+    new = [Param(k, str(v)) for k, v in params.items() if k not in present]
+    if new:
+        client.log_batch(run_id, params=new)
+
+
+def mark_run_kind(run_id: str, train: StageOutput, registered: StageOutput) -> str:
+    """Tag what this run computed: `trained` (training ran here), `cached` (training and
+    registration came from earlier runs: the scores and curves are theirs, copied) or `partial`."""
+    import mlflow
+
+    trained_here = train.manifest.get("mlflow_run_id") == run_id
+    registered_here = registered.manifest.get("run_id") == run_id
+    kind = "trained" if trained_here else ("partial" if registered_here else "cached")
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, "squadtune.run_kind", kind)
+    client.set_tag(run_id, "squadtune.trained_by_run", train.manifest.get("mlflow_run_id") or "")
+    if kind == "cached":
+        note = client.get_run(run_id).data.tags.get("mlflow.note.content", "")
+        client.set_tag(run_id, "mlflow.note.content", (
+            f"Fully cached re-run: no stage ran. The adapter, its curves and scores come from "
+            f"run {train.manifest.get('mlflow_run_id')}.\n\n{note}").strip())
+    return kind
+
+
+def what_it_can_show(config: PipelineConfig) -> str:
+    """What a run of this config can and cannot demonstrate, said plainly in its summary."""
+    if config.model.random_init is None:
+        return ""
+    return (
+        "**What this run can show**: the base model has random weights and knows no English, "
+        "so held-out EM/F1 do not measure reading comprehension. What it learns in a short run "
+        "is the format (a short span, then `<|end|>`) and the commonest answer words, which is "
+        "why the fine-tuned answers are short and rarely right while the baseline's are noise. "
+        "To see the pipeline learn, use `pipeline_config/memorize.yaml` (`make memorize`): it "
+        "trains and scores the same few questions and reaches EM >= 90."
+    )
+
+
 @task(name="report_run")
 def report_run(
     run_id: str,
@@ -183,19 +239,11 @@ def report_run(
     client.log_table(run_id, data=pd.DataFrame(predictions), artifact_file="eval/predictions.json")
     client.log_dict(run_id, evaluation.manifest["metrics"], "eval/metrics.json")
     client.log_dict(run_id, baseline.manifest["metrics"], "eval/baseline_metrics.json")
-    log_metrics(
-        run_id,
-        {
-            **eval_metrics(evaluation, baseline),
-            **data_metrics(squad, tokenized),
-            "params/trainable": lora.manifest["parameters"]["trainable"],
-            "params/total": lora.manifest["parameters"]["total"],
-            "adapter/bytes": train.manifest["adapter_bytes"],
-        },
-        step=train.manifest["global_step"],
-    )
+    log_metrics(run_id, eval_metrics(evaluation, baseline), step=train.manifest["global_step"])
+    log_params(run_id, one_point_params(squad, tokenized, lora, train))
     reg = registered.manifest
     client.set_tag(run_id, "squadtune.registered_model", f"{reg['model_name']}/{reg['version']}")
+    mark_run_kind(run_id, train, registered)
     metrics, base = evaluation.manifest["metrics"], baseline.manifest["metrics"]
     summary = {
         "run_name": config.short_name(),
@@ -211,6 +259,8 @@ def report_run(
         "train_steps": train.manifest["global_step"],
         "final_train_loss": train.manifest["final_loss"],
     }
+    if what_it_can_show(config):
+        summary["note"] = what_it_can_show(config).replace("**", "").replace("`", "")
     url = run_url(run_id)
     if url.startswith("http"):
         create_link_artifact(url, link_text="MLflow run", key="mlflow-run")

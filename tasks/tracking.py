@@ -63,19 +63,27 @@ def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# MLflow 3's UI opens an experiment on the GenAI traces page unless it says it is model training.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(name: str, state_dir: str | Path) -> str:
-    """The experiment's id, creating it with an explicit artifact location on a local store."""
+    """The experiment's id, creating it with an explicit artifact location on a local store, and
+    tagged so that MLflow's UI opens it on the runs table."""
     import mlflow
 
     client = mlflow.MlflowClient()
     existing = client.get_experiment_by_name(name)
     if existing is not None:
+        for key, value in EXPERIMENT_TAGS.items():
+            if existing.tags.get(key) != value:
+                client.set_experiment_tag(existing.experiment_id, key, value)
         return existing.experiment_id
     location = None
     if mlflow.get_tracking_uri().startswith(("sqlite:", "file:", "/")):
         location = (Path(state_dir).resolve() / "mlartifacts" / name).as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
     except Exception:  # another process created it first
         return client.get_experiment_by_name(name).experiment_id
 
@@ -100,34 +108,109 @@ def flow_run_url(flow_run_id: str | None) -> str | None:
     return f"{ui}/runs/flow-run/{flow_run_id}"
 
 
-@contextlib.contextmanager
-def mlflow_run(config: PipelineConfig, flow_run_id: str | None, run_name: str) -> Iterator[str]:
-    """One MLflow run per flow run: config as params and artifact, tagged with the flow run.
+def process_owner() -> str:
+    """This process as `host:pid:start-time`, so a later run can tell whether it still lives."""
+    import socket
 
-    The run ends FAILED when the block raises, so failed attempts stay visible.
-    """
+    import psutil
+
+    me = psutil.Process()
+    return f"{socket.gethostname()}:{me.pid}:{me.create_time():.0f}"
+
+
+def owner_is_dead(owner: str | None) -> bool:
+    """True only for an owner on this host whose process is gone (or its pid reused)."""
+    import socket
+
+    import psutil
+
+    host, _, rest = (owner or "").partition(":")
+    pid, _, started = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another host's run may well be alive: never take it over
+    try:
+        return f"{psutil.Process(int(pid)).create_time():.0f}" != started
+    except psutil.NoSuchProcess:
+        return True
+
+
+def dead_attempts(exp: str, config: PipelineConfig, flow_run_id: str | None) -> list[Any]:
+    """Runs of this experiment whose process died before it could end them (SIGKILL, OOM, power):
+    still RUNNING, owned by a process of this host that no longer exists. Also this flow run's
+    own earlier attempt (a Prefect retry), whatever its status."""
     import mlflow
 
-    exp = experiment_id(config.tracking.experiment_name, config.tracking.state_dir)
+    runs = mlflow.MlflowClient().search_runs(
+        [exp], filter_string="attributes.status = 'RUNNING'", max_results=200
+    )
+    dead = [r for r in runs if owner_is_dead(r.data.tags.get("squadtune.owner"))]
+    if flow_run_id:
+        dead += mlflow.MlflowClient().search_runs(
+            [exp], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'", max_results=5
+        )
+    fingerprint = config.fingerprint()
+    # The same config first, so a re-run continues its own killed attempt.
+    return sorted(
+        {r.info.run_id: r for r in dead}.values(),
+        key=lambda r: r.data.tags.get("squadtune.config_hash") != fingerprint,
+    )
+
+
+def open_run(exp: str, config: PipelineConfig, flow_run_id: str | None, run_name: str) -> str:
+    """Continue this config's dead attempt (its metrics go on where they stopped), closing any
+    other dead run as KILLED; otherwise start a new run with the config as params."""
+    import mlflow
+
     client = mlflow.MlflowClient()
+    continued = None
+    for run in dead_attempts(exp, config, flow_run_id):
+        same = run.data.tags.get("squadtune.config_hash") == config.fingerprint()
+        if same and continued is None:
+            continued = run.info.run_id
+        elif run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status="KILLED")
+            print(f"closed MLflow run {run.info.run_id} as KILLED: its process is gone")
     tags = {
         "mlflow.runName": run_name,
         "squadtune.config_hash": config.fingerprint(),
         "prefect.flow_run_id": flow_run_id or "",
         "squadtune.git_commit": git_commit(),
+        "squadtune.owner": process_owner(),
     }
     prefect_url = flow_run_url(flow_run_id)
     if prefect_url:
         tags["prefect.flow_run_url"] = prefect_url
         tags["mlflow.note.content"] = f"Prefect flow run: [{run_name}]({prefect_url})"
-    run = client.create_run(exp, run_name=run_name, tags=tags)
-    run_id = run.info.run_id
+    if continued is not None:
+        attempts = int(client.get_run(continued).data.tags.get("squadtune.attempts", "1")) + 1
+        client.update_run(continued, status="RUNNING")
+        for key, value in {**tags, "squadtune.attempts": str(attempts)}.items():
+            client.set_tag(continued, key, value)
+        print(f"continuing MLflow run {continued} of an attempt that died (attempt {attempts})")
+        return continued
+    run_id = client.create_run(exp, run_name=run_name, tags=tags).info.run_id
     params = [
         mlflow.entities.Param(k, str(v)[:6000])
         for k, v in flatten(config.model_dump(mode="json")).items()
     ]
     for start in range(0, len(params), 100):
         client.log_batch(run_id, params=params[start : start + 100])
+    return run_id
+
+
+@contextlib.contextmanager
+def mlflow_run(config: PipelineConfig, flow_run_id: str | None, run_name: str) -> Iterator[str]:
+    """One MLflow run per flow run: config as params and artifact, tagged with the flow run.
+
+    A run whose process was killed is continued by the next run of the same config (or the flow
+    run's retry), so no run stays RUNNING forever. The run ends FAILED when the block raises, so
+    failed attempts stay visible.
+    """
+    import mlflow
+
+    exp = experiment_id(config.tracking.experiment_name, config.tracking.state_dir)
+    client = mlflow.MlflowClient()
+    run_id = open_run(exp, config, flow_run_id, run_name)
     client.log_text(run_id, dump_config(config), "config/resolved_config.yaml")
     status = "FAILED"
     try:
@@ -135,6 +218,13 @@ def mlflow_run(config: PipelineConfig, flow_run_id: str | None, run_name: str) -
         status = "FINISHED"
     finally:
         client.set_terminated(run_id, status=status)
+
+
+def logged_steps(run_id: str, metric: str) -> set[int]:
+    """Steps at which `metric` is in the run already (a continued run holds its dead attempt's)."""
+    import mlflow
+
+    return {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, metric)}
 
 
 def log_metrics(run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -160,14 +250,18 @@ def metric_name(trainer_key: str) -> str:
 
 def mlflow_callback(run_id: str | None, skip_until_step: int = 0):
     """A Trainer callback that sends each log line (loss, lr, grad norm, ...) to the run, with the
-    non-padding tokens trained per second since the previous log line."""
+    non-padding tokens trained per second since the previous log line. Steps up to
+    `skip_until_step`, and steps the run already holds, are not sent again."""
     from transformers import TrainerCallback
 
     class MlflowMetrics(TrainerCallback):
         last: tuple[float, int] | None = None
+        skip = skip_until_step
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.last = (time.perf_counter(), state.num_input_tokens_seen)
+            if run_id and state.is_world_process_zero:
+                self.skip = max([skip_until_step, *logged_steps(run_id, "train/loss")])
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not (run_id and logs and state.is_world_process_zero):
@@ -177,7 +271,7 @@ def mlflow_callback(run_id: str | None, skip_until_step: int = 0):
             if self.last is not None and now > self.last[0] and "loss" in logs:
                 metrics["train/tokens_per_second"] = (tokens - self.last[1]) / (now - self.last[0])
                 self.last = (now, tokens)
-            if state.global_step > skip_until_step:
+            if state.global_step > self.skip:
                 log_metrics(run_id, metrics, state.global_step)
 
     return MlflowMetrics()

@@ -72,8 +72,15 @@ def test_flow_registers_a_candidate_with_lineage_and_a_complete_mlflow_run(first
     assert {
         "config/resolved_config.yaml", "data/data_manifest.json", "data/tokenized_manifest.json"
     } <= artifacts
-    assert run.data.metrics["data/rejected_train"] == 0
-    assert run.data.metrics["data/train_examples"] > run.data.metrics["data/dropped_train"]
+    params = run.data.params
+    assert params["data.rejected_train"] == "0"
+    assert int(params["data.train_examples"]) > int(params["data.dropped_train"])
+    assert int(params["model.trainable_parameters"]) > 0 and int(params["adapter.bytes"]) > 0
+    # Charts are curves and scores only: no one-point counts among the metrics.
+    assert not [m for m in run.data.metrics if m.startswith(("data/", "params/", "adapter/"))]
+    assert run.data.tags["squadtune.run_kind"] == "trained"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     baseline = run.data.metrics["eval/baseline_f1"]
     assert run.data.metrics["eval/gain_f1"] == pytest.approx(summary["f1"] - baseline, abs=0.01)
     table = client.load_table(
@@ -84,7 +91,8 @@ def test_flow_registers_a_candidate_with_lineage_and_a_complete_mlflow_run(first
     report = flow_artifacts(state)["run-summary"].data
     assert "| baseline (base model, no adapter) |" in report and "## Ten worst answers" in report
     assert f"**Config** `{config.fingerprint()}`" in report and "LoRA r=8, alpha=16" in report
-    assert f"**Data**: {int(run.data.metrics['data/train_examples'])} training" in report
+    assert f"**Data**: {params['data.train_examples']} training" in report
+    assert "**What this run can show**: the base model has random weights" in report
     assert report.count("\n| ") >= 10 + 3
 
 
@@ -99,6 +107,9 @@ def test_second_run_is_all_cache_hits(first_run):
     rerun = client.get_run(again.result()["mlflow_run_id"])
     assert rerun.info.run_id != state.result()["mlflow_run_id"]
     assert len(client.get_metric_history(rerun.info.run_id, "train/loss")) == 4  # back-filled
+    assert rerun.data.tags["squadtune.run_kind"] == "cached"
+    assert rerun.data.tags["squadtune.trained_by_run"] == state.result()["mlflow_run_id"]
+    assert rerun.data.tags["mlflow.note.content"].startswith("Fully cached re-run")
 
 
 def test_promote_flow_moves_candidate_to_staging_and_publishes_history(first_run, capsys):

@@ -89,44 +89,77 @@ def test_eight_bit_base_trains_on_cpu(stages, tmp_path):
     assert (tmp_path / "loss_curve.png").stat().st_size > 1000
 
 
-def test_two_cpu_processes_with_gloo(stages, tmp_path, session_tmp):
-    """torchrun, 2 ranks: both finish, rank 0 alone writes the adapter and logs to MLflow."""
-    from peft import PeftModel
+def test_two_gloo_ranks_reach_the_adapter_of_one_process_with_twice_the_batch(
+    small_squad_file, tmp_path
+):
+    """torchrun, 2 ranks of batch 2 = one process of batch 4 over the same examples; rank 0 alone
+    writes the adapter and logs to MLflow."""
+    from peft import PeftModel, get_peft_model_state_dict
 
     from tasks.modeling import base_spec, load_base_model
 
-    config, s = stages
+    raw = tiny_config_dict(small_squad_file, tmp_path / "state")
+    raw["lora"]["lora_dropout"] = 0.0  # the two runs draw different dropout masks otherwise
+    config = PipelineConfig.model_validate(raw)
+    s = build_until_lora(config, tmp_path / "state")
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("ddp") or client.get_experiment(
         client.create_experiment("ddp"))
     run_id = client.create_run(experiment.experiment_id).info.run_id
-    cfg = config.training.model_copy(update={"nproc_per_node": 2, "max_steps": 3})
-    manifest = train.run_stage(s["lora"], s["tokenized"], s["base"], config.model,
-                               config.quantization, cfg, tmp_path, run_id)
+    # Length grouping forms its groups from the per-process batch size, so it would order the
+    # examples differently for batch 2 and batch 4; plain shuffling orders them the same.
+    same = {"max_steps": 3, "group_by_length": False}
+    ddp = tmp_path / "ddp"
+    ddp.mkdir()
+    manifest = train.run_stage(
+        s["lora"], s["tokenized"], s["base"], config.model, config.quantization,
+        config.training.model_copy(update={**same, "nproc_per_node": 2,
+                                           "per_device_train_batch_size": 2}),
+        ddp, run_id,
+    )
     assert manifest["world_size"] == 2 and manifest["global_step"] == 3
     losses = client.get_metric_history(run_id, "train/loss")
     assert sorted(m.step for m in losses) == [1, 2, 3], "one rank logs, once per step"
-    initial = load_file(str(s["lora"].dir / "adapter" / "adapter_model.safetensors"))
-    trained = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
-    assert any(not torch.equal(initial[k], trained[k]) for k in initial), "training moved nothing"
-    # The adapter loads with plain PEFT, and what it loads is what rank 0 saved.
-    from peft import get_peft_model_state_dict
+    one = tmp_path / "one"
+    one.mkdir()
+    single = train.train(
+        s["lora"], s["tokenized"], s["base"], config.model, config.quantization,
+        config.training.model_copy(update={**same, "per_device_train_batch_size": 4}), one,
+    )
+    assert single["tokens_seen"] == manifest["tokens_seen"], "the same examples"
 
+    initial = load_file(str(s["lora"].dir / "adapter" / "adapter_model.safetensors"))
+    trained = load_file(str(ddp / "adapter" / "adapter_model.safetensors"))
+    reference = load_file(str(one / "adapter" / "adapter_model.safetensors"))
+    assert any(not torch.equal(initial[k], trained[k]) for k in initial), "training moved nothing"
+    assert trained.keys() == reference.keys()
+    for k in trained:
+        assert torch.allclose(trained[k], reference[k], rtol=1e-4, atol=1e-6), k
+    # The adapter loads with plain PEFT, and what it loads is what rank 0 saved.
     model = PeftModel.from_pretrained(
-        load_base_model(base_spec(s["base"]), config.quantization), str(tmp_path / "adapter")
+        load_base_model(base_spec(s["base"]), config.quantization), str(ddp / "adapter")
     )
     loaded = get_peft_model_state_dict(model)
     assert loaded.keys() == trained.keys()
     assert all(torch.equal(loaded[k], trained[k]) for k in trained)
 
 
-def test_flow_killed_with_sigkill_mid_training_resumes_from_its_checkpoint(
+def finished_output(state_dir, stage: str):
+    """The one finished output of `stage` under `state_dir`, as the flow would hand it on."""
+    from tasks.stage import StageOutput, read_manifest
+
+    (directory,) = [d for d in (state_dir / "artifacts" / stage).iterdir() if read_manifest(d)]
+    manifest = read_manifest(directory)
+    return StageOutput(stage=stage, key=manifest["key"], path=str(directory), manifest=manifest)
+
+
+def test_flow_killed_with_sigkill_after_an_epoch_resumes_to_the_uninterrupted_adapter(
     small_squad_file, tmp_path, prefect_harness
 ):
     from flows.finetune import finetune
 
     raw = tiny_config_dict(small_squad_file, tmp_path / "state")
-    raw["training"].update(max_steps=40, save_steps=4, logging_steps=4)
+    raw["training"].update(max_steps=48, save_steps=4, logging_steps=4)
     raw["registry"]["model_name"] = "squadtune-test-sigkill"
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
     proc = subprocess.Popen(
@@ -134,26 +167,60 @@ def test_flow_killed_with_sigkill_mid_training_resumes_from_its_checkpoint(
         cwd=ROOT, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    checkpoints = tmp_path / "state" / "artifacts" / "train"
+    state_dir = tmp_path / "state"
+    checkpoints = state_dir / "artifacts" / "train"
     deadline = time.time() + 300
+    epoch = None
     try:
-        while not any(train.complete_checkpoints(d / "checkpoints") for d in
-                      checkpoints.glob("*")):
-            assert proc.poll() is None, "the run ended before its first checkpoint"
-            assert time.time() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.2)
+        while True:
+            assert proc.poll() is None, "the run ended before it was killed"
+            assert time.time() < deadline, "no checkpoint past the first epoch within 300 s"
+            if epoch is None and (state_dir / "artifacts" / "tokenized").is_dir():
+                done = [d for d in (state_dir / "artifacts" / "tokenized").iterdir()
+                        if (d / "manifest.json").exists()]
+                if done:
+                    kept = json.loads((done[0] / "manifest.json").read_text())
+                    epoch = -(-kept["splits"]["train"]["kept"] // 4)  # steps per epoch
+            saved = [train.checkpoint_step(c) for d in checkpoints.glob("*")
+                     for c in train.complete_checkpoints(d / "checkpoints")]
+            if epoch is not None and saved and max(saved) > epoch:
+                break
+            time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
     stage_dir = next(checkpoints.glob("*"))
     killed_at = train.checkpoint_step(train.complete_checkpoints(stage_dir / "checkpoints")[-1])
-    assert 4 <= killed_at < 40
+    assert epoch < killed_at < 48, "killed after an epoch boundary, before the end"
     assert not (stage_dir / "manifest.json").exists(), "the killed stage did not finish"
-
     config = PipelineConfig.model_validate(raw)
+    client = mlflow.MlflowClient()
+    (killed_run,) = client.search_runs(
+        [client.get_experiment_by_name("squadtune-tests").experiment_id],
+        filter_string=f"tags.`squadtune.config_hash` = '{config.fingerprint()}'",
+    )
+    assert killed_run.info.status == "RUNNING", "a killed process cannot end its own run"
     state = finetune(config, return_state=True)
     assert state.is_completed(), state.message
     assert task_states(state)["train_adapter"] == "Completed"
     manifest = json.loads((stage_dir / "manifest.json").read_text())
-    assert manifest["resumed_from_step"] >= killed_at > 0
-    assert manifest["global_step"] == 40
+    assert manifest["resumed_from_step"] == killed_at and manifest["global_step"] == 48
+
+    # The same stages trained without interruption reach the same adapter, bit for bit.
+    reference = tmp_path / "uninterrupted"
+    reference.mkdir()
+    train.train(finished_output(state_dir, "lora_init"), finished_output(state_dir, "tokenized"),
+                finished_output(state_dir, "base_model"), config.model, config.quantization,
+                config.training, reference)
+    resumed = load_file(str(stage_dir / "adapter" / "adapter_model.safetensors"))
+    uninterrupted = load_file(str(reference / "adapter" / "adapter_model.safetensors"))
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+    # The killed attempt's MLflow run is continued and closed, each logging step in it once.
+    summary = state.result()
+    assert summary["mlflow_run_id"] == killed_run.info.run_id
+    run = client.get_run(killed_run.info.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["squadtune.attempts"] == "2"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(4, 49, 4))
