@@ -244,6 +244,9 @@ def train(
         if elapsed > 0 else None,
         "world_size": trainer.args.world_size,
         "device": device,
+        # What actually ran, which a config alone does not prove.
+        "optimizer": describe_optimizer(getattr(trainer.optimizer, "optimizer", trainer.optimizer)),
+        "gradient_checkpointing": bool(model.is_gradient_checkpointing),
         "mlflow_run_id": run_id,
     }
     if main:
@@ -252,6 +255,16 @@ def train(
         summary["adapter_bytes"] = sum(f.stat().st_size for f in (out / "adapter").iterdir())
         write_json(out / RESULT, summary)
     return summary
+
+
+def describe_optimizer(optimizer: Any) -> str:
+    """Class and, for bitsandbytes, state width and paging: what the Trainer really built."""
+    name = f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+    args = getattr(optimizer, "args", None)  # bitsandbytes' optimizers keep their settings here
+    if args is not None and hasattr(args, "optim_bits"):
+        paged = ", paged" if getattr(optimizer, "is_paged", False) else ""
+        name += f" ({args.optim_bits}-bit state{paged})"
+    return name
 
 
 def resumed_tokens(checkpoint: Path | None) -> int:

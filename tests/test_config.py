@@ -5,7 +5,7 @@ import pytest
 from pipeline_config import ConfigError, PipelineConfig, load_config, preflight
 
 
-@pytest.mark.parametrize("name", ["demo", "gpt2_squad_qlora"])
+@pytest.mark.parametrize("name", ["demo", "gpt2_squad_qlora", "memorize"])
 def test_bundled_configs_load(name):
     config = load_config(name)
     assert isinstance(config, PipelineConfig)
@@ -25,6 +25,7 @@ def test_seed_recipe_values():
     t = c.training
     assert (t.learning_rate, t.per_device_train_batch_size, t.max_steps) == (2e-4, 16, 10_000)
     assert (t.save_steps, t.eval_steps, t.optim) == (1000, 1000, "paged_adamw_8bit")
+    assert t.gradient_accumulation_steps == 2 and t.fp16
     assert t.gradient_checkpointing
 
 
@@ -86,3 +87,43 @@ def test_preflight_names_missing_local_inputs(tmp_path):
     with pytest.raises(ConfigError) as err:
         preflight(config)
     assert "data.train_files[0]" in str(err.value) and "missing.json" in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["directory", "unreadable"])
+def test_preflight_refuses_a_directory_or_unreadable_data_file_in_one_line(tmp_path, kind):
+    import os
+
+    target = tmp_path / "data.json"
+    if kind == "directory":
+        target.mkdir()
+    else:
+        target.write_text("{}")
+        target.chmod(0)
+        if os.access(target, os.R_OK):
+            pytest.skip("this user reads any file (root)")
+    config = load_config("demo", [f"data.train_files=[{target}]"])
+    with pytest.raises(ConfigError) as err:
+        preflight(config)
+    message = str(err.value)
+    assert "\n" not in message and "data.train_files[0]" in message
+    assert ("is a directory" if kind == "directory" else "not readable") in message
+    assert "'data.train_files=[/path/to/file.json]'" in message
+
+
+def test_preflight_refuses_the_hub_without_network_or_cache_fast(monkeypatch):
+    """The recipe on a machine without the hub: refused at once, naming the local overrides."""
+    import time
+
+    # conftest points HF_HOME at an empty folder: nothing is cached.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as a machine without network is configured
+    config = load_config("gpt2_squad_qlora", [
+        "training.fp16=false", "training.optim=adamw_8bit",
+    ])
+    started = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        preflight(config)
+    assert time.perf_counter() - started < 2
+    message = str(err.value)
+    assert "data.hub_dataset=rajpurkar/squad" in message and "not reachable" in message
+    assert "model.name_or_path=openai-community/gpt2" in message
+    assert "data.hub_dataset=null" in message and "'data.train_files=[" in message
