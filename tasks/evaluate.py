@@ -16,7 +16,9 @@ from pipeline_config import EvaluationConfig, ModelConfig, QuantizationConfig, s
 from tasks.modeling import base_spec, generate_answers, load_for_inference
 from tasks.stage import Stage, StageOutput, upstream_keys
 
-STAGE = Stage("eval", version="3", required=("predictions.jsonl", "metrics.json"))
+# Shared-prefix generation equals plain batched generation by test, not by construction: results
+# of the plain path are not reused as if they were its output.
+STAGE = Stage("eval", version="4", required=("predictions.jsonl", "metrics.json"))
 # Gold answer length in words (the shortest gold answer), as in SQuAD error analyses.
 BUCKETS = ((1, 1, "1 word"), (2, 3, "2-3 words"), (4, 6, "4-6 words"), (7, 10**9, "7+ words"))
 
@@ -102,6 +104,7 @@ def build(
         batch_size=cfg.batch_size,
         max_prompt_tokens=tokenized.manifest["max_seq_len"],
         progress=True,
+        shared_prefix=True,  # each paragraph's context computed once for all its questions
     )
     golds = list(questions["answers"])
     scores = score(questions["id"], golds, answers, tokenized.manifest["refusal_answer"])
@@ -135,6 +138,7 @@ def build(
         "questions": len(records),
         "with_adapter": adapter is not None,
         "eval_set_hash": eval_set_hash(questions),
+        "generation": "greedy, shared prefix",
     }
 
 

@@ -204,14 +204,16 @@ def generate_answers(
     max_prompt_tokens: int | None = None,
     progress: bool = False,
     truncate: bool = True,
+    shared_prefix: bool = True,
 ) -> list[str]:
-    """Greedy answers, batched: prompts sorted by length, left-padded, stopped at `<|end|>`.
+    """Greedy answers, stopped at `<|end|>`.
 
-    A context too long for the context window is cut (as in training), or with `truncate=False`
-    refused with `PromptTooLong`.
+    With `shared_prefix` (the default) the system turns are computed once and each distinct
+    context once for all its questions (`tasks.shared_prefix`); otherwise every prompt is
+    prefilled whole, prompts sorted by length and left-padded in batches. Both give the same
+    answers. A context too long for the context window is cut (as in training), or with
+    `truncate=False` refused with `PromptTooLong`.
     """
-    from tqdm.auto import tqdm
-
     from tasks.chat_format import ChatEncoder, stop_token_ids
 
     window = context_window(model)
@@ -224,25 +226,40 @@ def generate_answers(
             f"{window}-token context window"
         )
     prompts = ChatEncoder(tokenizer).prompts(list(contexts), list(questions), limit, truncate)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     stops = stop_token_ids(tokenizer)
+    if shared_prefix:
+        from tasks.shared_prefix import SharedPrefixGenerator
+
+        generator = SharedPrefixGenerator(model, stops, max_new_tokens, batch_size)
+        new = generator.generate(prompts, list(contexts), progress)
+    else:
+        new = batched_generate(model, prompts, stops, max_new_tokens, batch_size, progress)
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new]
+
+
+def batched_generate(model, prompts, stops, max_new_tokens, batch_size, progress=False):
+    """`model.generate` on length-sorted, left-padded batches; new ids cut before a stop id."""
+    from tqdm.auto import tqdm
+
+    from tasks.shared_prefix import pad_rows
+
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     device = next(model.parameters()).device
-    answers: list[str] = [""] * len(prompts)
+    new_ids: list[list[int]] = [[] for _ in prompts]
     batches = range(0, len(order), batch_size)
     for start in tqdm(batches, desc="generating", disable=not progress):
         idx = order[start : start + batch_size]
-        batch = tokenizer.pad(
-            {"input_ids": [prompts[i] for i in idx]}, padding_side="left", return_tensors="pt"
-        ).to(device)
+        ids, mask = pad_rows([prompts[i] for i in idx], left=True, device=device)
         out = model.generate(
-            **batch,
+            input_ids=ids,
+            attention_mask=mask,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=stops,
-            pad_token_id=tokenizer.pad_token_id,
+            pad_token_id=stops[0],  # fills rows that stopped early; cut off below
         )
-        new = out[:, batch["input_ids"].shape[1] :].tolist()
+        new = out[:, ids.shape[1] :].tolist()
         for i, ids in zip(idx, new, strict=True):
             cut = next((k for k, t in enumerate(ids) if t in stops), len(ids))
-            answers[i] = tokenizer.decode(ids[:cut], skip_special_tokens=True).strip()
-    return answers
+            new_ids[i] = ids[:cut]
+    return new_ids

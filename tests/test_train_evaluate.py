@@ -102,10 +102,12 @@ def test_batched_generation_equals_one_at_a_time(setup):
     questions = evaluate.eval_questions(stages["squad"], config.evaluation)
     kwargs = {"max_new_tokens": 8, "max_prompt_tokens": 320}
     batched = generate_answers(model, tokenizer, questions["context"], questions["question"],
-                               batch_size=8, **kwargs)
+                               batch_size=8, shared_prefix=False, **kwargs)
     single = generate_answers(model, tokenizer, questions["context"], questions["question"],
-                              batch_size=1, **kwargs)
-    assert batched == single
+                              batch_size=1, shared_prefix=False, **kwargs)
+    shared = generate_answers(model, tokenizer, questions["context"], questions["question"],
+                              batch_size=8, **kwargs)
+    assert batched == single == shared
     assert any(batched), "random weights still produce some text"
 
 
