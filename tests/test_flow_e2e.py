@@ -180,9 +180,11 @@ def test_mlflow_models_serve_answers_like_ask_and_rejects_bad_requests(first_run
         assert status == 400 and "empty 'context'" in body["message"]
         long = {"dataframe_records": [{"context": "word " * 3000, "question": question}]}
         status, body = post(port, long)
-        assert status == 400 and "send a shorter context" in body["message"]
+        assert status == 200 and body["predictions"][0]["context_truncated"] is True
 
-        assert post(port, good) == (200, {"predictions": [{"answer": asked}]}), "still serving"
+        assert post(port, good) == (
+            200, {"predictions": [{"answer": asked, "context_truncated": False}]}
+        ), "still serving"
     finally:
         os.killpg(server.pid, 15)
         server.wait(30)
@@ -218,7 +220,8 @@ def test_registered_adapter_loads_with_plain_peft_to_the_same_logits(first_run, 
         pd.DataFrame({"context": ["Paris is in France."], "question": ["Where is Paris?"]}),
         params={"max_new_tokens": 4},
     )
-    assert list(answers.columns) == ["answer"] and isinstance(answers["answer"][0], str)
+    assert list(answers.columns) == ["answer", "context_truncated"]
+    assert isinstance(answers["answer"][0], str)
 
 
 def test_run_failed_in_training_reruns_only_from_training(
