@@ -7,6 +7,7 @@ switched silently: a config that asks for CUDA on a CPU machine is refused, not 
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import socket
 from dataclasses import dataclass
@@ -170,8 +171,20 @@ def hub_problems(config: PipelineConfig) -> list[Problem]:
 
 
 def problems(config: PipelineConfig) -> list[Problem]:
-    found = file_problems(config)
-    return found + cuda_problems(config) + hub_problems(config)
+    found = file_problems(config) + cuda_problems(config) + hub_problems(config)
+    if not found:  # the deeper checks read the files and the model: only when they are there
+        if not uses_hub(config):
+            go_offline()
+        # By name: the served model ships this package, and must not ship the data stage.
+        found += importlib.import_module("pipeline_config.input_checks").problems(config)
+    return found
+
+
+def go_offline() -> None:
+    """Nothing comes from the hub: without the flags each hub client call stalls for tens of
+    seconds on a machine without network before failing."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def preflight(config: PipelineConfig) -> None:
@@ -189,5 +202,4 @@ def preflight(config: PipelineConfig) -> None:
             f"Fix with the overrides: {fixes}"
         )
     if not uses_hub(config):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        go_offline()

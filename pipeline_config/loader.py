@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,41 @@ class InputError(ValueError):
 
 class ConfigError(InputError):
     """A config that cannot run: the message names each bad key and what is allowed."""
+
+
+class DuplicateKey(yaml.YAMLError):
+    """A mapping that gives one key twice: YAML would silently keep only the last value."""
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML as configs need it: a key given twice is an error, and `1e-3` is a number (YAML 1.1
+    wants `1.0e-3`, and strict config types would then refuse the string)."""
+
+
+def _unique_keys(loader: ConfigLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    first: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if key in first:
+            raise DuplicateKey(
+                f"key {key!r} is given twice (lines {first[key]} and {line}); YAML would keep "
+                "only the last one: merge the two into one"
+            )
+        first[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+ConfigLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_keys)
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def resolve_config_path(name: str | Path) -> Path:
@@ -46,7 +82,7 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
                 f"override {item!r} is not of the form dotted.key=value, e.g. training.max_steps=20"
             )
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = read_yaml(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
         node = nested
@@ -130,7 +166,9 @@ def load_config(
         resolved = resolve_config_path(path)
         source = str(resolved)
         try:
-            loaded = yaml.safe_load(resolved.read_text()) or {}
+            loaded = read_yaml(resolved.read_text()) or {}
+        except DuplicateKey as exc:
+            raise ConfigError(f"{resolved}: {exc}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{resolved}: not valid YAML: {exc}") from exc
         if not isinstance(loaded, dict):

@@ -17,9 +17,13 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 
 
 class Section(BaseModel):
-    """Base of every config area: unknown keys are errors, values re-validated on assignment."""
+    """Base of every config area: unknown keys are errors, values re-validated on assignment.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    Types are strict: `true` is not a number of steps, `1` is not a boolean, `"20"` is not an
+    integer (the YAML loader already reads `1e-3` as a number).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
     # Fields that never change a stage's output (fault injection, logging cadence). They are
     # left out of cache keys so that a re-run with them changed still hits the cache.
@@ -104,8 +108,15 @@ class DataConfig(Section):
         ge=1,
         description="Tokenizer processes; null picks by data size (1 below 20,000 examples).",
     )
+    eval_overlap: Literal["refuse", "allow"] = Field(
+        "refuse",
+        description="Held-out questions that are also training questions (same id, or same "
+        "context and question) are counted and reported; 'refuse' stops the run when there are "
+        "any, 'allow' is for evaluating on the training set on purpose (a memorisation check).",
+    )
 
-    not_in_cache_key = frozenset({"num_proc"})
+    # eval_overlap decides whether a run may go on, not what the data stage writes.
+    not_in_cache_key = frozenset({"num_proc", "eval_overlap"})
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:

@@ -57,6 +57,8 @@ def sha256_file(path: str | Path) -> str:
 
 def local_path(path: str, field: str) -> Path:
     resolved = Path(path).expanduser().resolve()
+    if resolved.is_dir():
+        raise DataError(f"{field}: {path} is a directory; give the SQuAD file inside it")
     if not resolved.is_file():
         raise DataError(f"{field}: {path} does not exist (looked at {resolved}); fix the path")
     return resolved
@@ -231,12 +233,39 @@ def validate(
     if rows and len(bad) / len(rows) > max_bad:
         reasons = Counter(reason_kind(b["reason"]) for b in bad).most_common(3)
         examples = "; ".join(f"id {b['id']!r}: {b['reason']}" for b in bad[:3])
+        # Unanswerable questions in a file that says v1.1 are v2.0 data, not bad data.
+        fix = "set data.squad_v2=true (the file holds unanswerable, SQuAD v2.0 questions)" if (
+            not squad_v2 and reasons[0][0] == "no answer"
+        ) else "fix the data or raise data.max_bad_fraction"
         raise DataError(
             f"{split}: {len(bad)} of {len(rows)} records are malformed, over "
             f"data.max_bad_fraction={max_bad}. Most common: {reasons}. For example {examples}. "
-            "Fix the data or raise data.max_bad_fraction"
+            f"To go on, {fix}"
         )
     return good, bad
+
+
+def eval_overlap(train: list[dict], held: list[dict]) -> dict[str, Any]:
+    """Held-out questions that are training questions too: same id, or same context and question."""
+    ids = {r["id"] for r in train}
+    asked = {(r["context"], r["question"]) for r in train}
+    count = sum(r["id"] in ids or (r["context"], r["question"]) in asked for r in held)
+    return {"questions": count, "share": count / len(held) if held else 0.0}
+
+
+def check_overlap(overlap: dict[str, Any], cfg: DataConfig) -> None:
+    """Refuse an evaluation on training questions unless the config says it is intended."""
+    count, share = overlap["questions"], overlap["share"]
+    if not count:
+        return
+    said = f"{count} held-out questions ({share:.1%}) are also training questions"
+    if cfg.eval_overlap == "refuse":
+        raise DataError(
+            f"{said} (same id, or same context and question), so the scores would not measure "
+            "held-out questions; give data.eval_files that do not overlap data.train_files, or "
+            "set data.eval_overlap=allow if evaluating on training questions is intended"
+        )
+    print(f"warning: {said}; the scores include them (data.eval_overlap=allow)")
 
 
 def reason_kind(reason: str) -> str:
@@ -311,6 +340,8 @@ def build(cfg: DataConfig, out: Path, identity: dict[str, Any] | None = None) ->
     if cfg.max_train_samples is not None and len(train) > cfg.max_train_samples:
         keep = sorted(random.Random(cfg.seed).sample(range(len(train)), cfg.max_train_samples))
         train = [train[i] for i in keep]
+    overlap = eval_overlap(train, held)
+    check_overlap(overlap, cfg)
     rejected = bad_train + bad_eval
     with open(out / "rejected.jsonl", "w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in rejected)
@@ -330,6 +361,7 @@ def build(cfg: DataConfig, out: Path, identity: dict[str, Any] | None = None) ->
             "eval": len({r["title"] for r in held}),
         },
         "rejected": {"train": len(bad_train), "eval": len(bad_eval)},
+        "eval_overlap": overlap,
         "rejected_reasons": dict(Counter(reason_kind(r["reason"]) for r in rejected)),
     }
     write_json(out / "data_manifest.json", summary)
@@ -338,8 +370,13 @@ def build(cfg: DataConfig, out: Path, identity: dict[str, Any] | None = None) ->
     return summary
 
 
+# Data fields only tokenization reads: changing them must not re-read and re-split the data.
+TOKENIZATION_ONLY = ("max_seq_len", "refusal_answer")
+
+
 def stage_key(data: DataConfig, identity: dict[str, Any] | None = None, **_: Any) -> str:
-    return STAGE.key(data.cache_dict(), identity or source_identity(data))
+    fields = {k: v for k, v in data.cache_dict().items() if k not in TOKENIZATION_ONLY}
+    return STAGE.key(fields, identity or source_identity(data))
 
 
 # log_prints=False: `datasets` fingerprints through dill, which disassembles functions with `dis`

@@ -52,7 +52,24 @@ def one_point_params(squad: StageOutput, tokenized: StageOutput, lora: StageOutp
         "model.trainable_parameters": lora.manifest["parameters"]["trainable"],
         "model.total_parameters": lora.manifest["parameters"]["total"],
         "adapter.bytes": train.manifest["adapter_bytes"],
+        "data.eval_overlap_questions": overlap_of(squad)["questions"],
+        "data.eval_overlap_share": round(overlap_of(squad)["share"], 4),
     }
+
+
+def overlap_of(squad: StageOutput) -> dict[str, Any]:
+    """Held-out questions that are training questions too (count and share)."""
+    return squad.manifest.get("eval_overlap") or {"questions": 0, "share": 0.0}
+
+
+def overlap_line(squad: StageOutput) -> str:
+    overlap = overlap_of(squad)
+    if not overlap["questions"]:
+        return "No held-out question is a training question."
+    return (
+        f"**{overlap['questions']} held-out questions ({overlap['share']:.1%}) are training "
+        "questions too** (data.eval_overlap=allow): the scores below include them."
+    )
 
 
 def eval_metrics(evaluation: StageOutput, baseline: StageOutput) -> dict[str, float]:
@@ -125,7 +142,7 @@ def markdown_report(
         "",
         f"**Data**: {counts['train']} training and {counts['eval']} held-out questions; "
         f"{rejected['train'] + rejected['eval']} malformed records rejected, {dropped} training "
-        "examples dropped (answer cut off by max_seq_len).",
+        f"examples dropped (answer cut off by max_seq_len). {overlap_line(squad)}",
         "",
         f"**Training**: {train.manifest['global_step']} steps, final loss "
         f"{train.manifest['final_loss'] or float('nan'):.4f}"
@@ -243,6 +260,7 @@ def report_run(
     log_params(run_id, one_point_params(squad, tokenized, lora, train))
     reg = registered.manifest
     client.set_tag(run_id, "squadtune.registered_model", f"{reg['model_name']}/{reg['version']}")
+    client.set_tag(run_id, "squadtune.eval_overlap", str(overlap_of(squad)["questions"]))
     mark_run_kind(run_id, train, registered)
     metrics, base = evaluation.manifest["metrics"], baseline.manifest["metrics"]
     summary = {
@@ -258,6 +276,7 @@ def report_run(
         "baseline_f1": round(base["f1"], 2),
         "train_steps": train.manifest["global_step"],
         "final_train_loss": train.manifest["final_loss"],
+        "eval_overlap": overlap_of(squad),
     }
     if what_it_can_show(config):
         summary["note"] = what_it_can_show(config).replace("**", "").replace("`", "")

@@ -127,3 +127,85 @@ def test_preflight_refuses_the_hub_without_network_or_cache_fast(monkeypatch):
     assert "data.hub_dataset=rajpurkar/squad" in message and "not reachable" in message
     assert "model.name_or_path=openai-community/gpt2" in message
     assert "data.hub_dataset=null" in message and "'data.train_files=[" in message
+
+
+# Issue 14, item 6: everything config can check is checked before any stage or server starts,
+# through the real `squadtune run` entry point: one line on stderr, exit status 2, no traceback.
+
+
+def run_refused(capsys, *overrides, config="demo") -> str:
+    from flows.cli import main
+
+    code = main(["run", "--config", config, *overrides])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("override, named", [
+    ("training.max_steps=true", "training.max_steps: Input should be a valid integer (got True)"),
+    ("training.max_steps=2.5", "training.max_steps: Input should be a valid integer (got 2.5)"),
+    ("quantization.load_in_4bit=1", "quantization.load_in_4bit: Input should be a valid boolean"),
+    ("training.learning_rate=fast", "training.learning_rate: Input should be a valid number"),
+])
+def test_strict_types_refuse_what_lax_parsing_would_coerce(capsys, override, named):
+    assert named in run_refused(capsys, override)
+
+
+def test_exponent_floats_still_read_as_numbers():
+    # YAML 1.1 reads `1e-3` as a string; strict types would then refuse a common spelling.
+    assert load_config("demo", ["training.learning_rate=1e-3"]).training.learning_rate == 1e-3
+
+
+def test_a_yaml_key_given_twice_is_refused_naming_both_lines(tmp_path, capsys):
+    (tmp_path / "twice.yaml").write_text(
+        "training:\n  max_steps: 5\nmodel:\n  name_or_path: x\ntraining:\n  save_steps: 2\n"
+    )
+    err = run_refused(capsys, config=str(tmp_path / "twice.yaml"))
+    assert "key 'training' is given twice (lines 1 and 5)" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("override, problem, fix", [
+    ("lora.target_modules=[attn.q_proj]", "['attn.q_proj'] match no module of the base model",
+     "'lora.target_modules=[attn.c_attn]'"),
+    ("lora.target_modules=[attn.c_attn, ln_1]", "'ln_1' matches a LayerNorm",
+     "'lora.target_modules=[attn.c_attn]'"),
+    ("training.optim=foo", "training.optim=foo is not a transformers name",
+     "training.optim=adamw_torch"),
+    ("training.optim=adamw_torhc", "training.optim=adamw_torhc", "training.optim=adamw_torch"),
+    ("registry.model_name=team/qa", "registry.model_name='team/qa' is refused by MLflow",
+     "registry.model_name=squadtune-model"),
+    ("registry.alias=latest", "'latest' alias name (case insensitive) is reserved",
+     "registry.alias=candidate"),
+])
+def test_preflight_refuses_what_would_fail_after_training(capsys, override, problem, fix):
+    err = run_refused(capsys, override)
+    assert len(err.strip().splitlines()) == 1, err
+    assert problem in err and f"Fix with the overrides: {fix}" in err
+
+
+def test_preflight_reads_the_data_before_anything_starts(tmp_path, capsys, squad_doc):
+    from tests.conftest import write_squad
+
+    # v2.0 data (unanswerable questions) in a file that says 1.1: the fix is squad_v2, not
+    # a looser bad-record threshold.
+    paragraph = dict(squad_doc["data"][0]["paragraphs"][0])
+    paragraph["qas"] = [{**q, "answers": []} for q in paragraph["qas"]]
+    v2 = write_squad(tmp_path / "v2.json", [{"title": "T", "paragraphs": [paragraph]}])
+    err = run_refused(capsys, f"data.train_files=[{v2}]")
+    assert "To go on, set data.squad_v2=true" in err and "data.squad_v2=true" in err
+    err = run_refused(capsys, f"data.train_files=[{tmp_path}]")
+    assert "is a directory; give the SQuAD file inside it" in err
+
+
+def test_preflight_refuses_an_eval_set_that_overlaps_training_unless_allowed(
+    small_squad_file, capsys
+):
+    same = [f"data.train_files=[{small_squad_file}]", f"data.eval_files=[{small_squad_file}]"]
+    err = run_refused(capsys, *same)
+    assert "held-out questions (100.0%) are also training questions" in err
+    assert "data.eval_overlap=allow" in err
+    preflight(load_config("demo", [*same, "data.eval_overlap=allow"]))  # intended: allowed
+    assert load_config("memorize").data.eval_overlap == "allow"

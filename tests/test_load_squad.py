@@ -44,7 +44,7 @@ def test_malformed_records_are_reported_not_dropped_silently(tmp_path):
                                                    "answers": []}]))
     path = write_squad(tmp_path / "mixed.json", arts)
     cfg = DataConfig(hub_dataset=None, train_files=[str(path)], eval_files=[str(path)],
-                     max_bad_fraction=0.2)
+                     max_bad_fraction=0.2, eval_overlap="allow")
     out = tmp_path / "out"
     out.mkdir()
     manifest = load_squad.build(cfg, out)
@@ -116,7 +116,7 @@ def test_parquet_and_jsonl_in_hub_schema(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
     cfg = DataConfig(hub_dataset=None, train_files=[str(tmp_path / "train.parquet")],
-                     eval_files=[str(tmp_path / "eval.jsonl")])
+                     eval_files=[str(tmp_path / "eval.jsonl")], eval_overlap="allow")
     out = tmp_path / "out"
     out.mkdir()
     manifest = load_squad.build(cfg, out)

@@ -1,0 +1,169 @@
+"""Checks of a config's inputs that need libraries: LoRA targets against the model's module names,
+optimizer and scheduler names against transformers' enums, registry names against MLflow's rules,
+and the data files read and validated with the data stage's own readers.
+
+`checks.preflight` loads this module by name: the served model ships `pipeline_config`, and must
+not ship the data stage's code that these checks import.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from pathlib import Path
+
+from pipeline_config.checks import Problem, hub_reachable, looks_local
+from pipeline_config.schema import DataConfig, ModelConfig, PipelineConfig
+
+# Module types PEFT's LoRA can wrap (GPT-2's projections are transformers' Conv1D).
+LORA_LAYERS = {"Linear", "Conv1D", "Conv1d", "Conv2d", "Conv3d", "Embedding", "Linear4bit",
+               "Linear8bitLt"}
+
+
+def skeleton(model: ModelConfig):
+    """The base model's modules on the meta device: names and types, no weights, no download
+    (a hub model's config only, when it is cached or the hub answers). None when unknown."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
+
+    if model.random_init is not None:
+        shape = model.random_init
+        config = GPT2Config(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd,
+                            n_positions=shape.n_positions)
+    else:
+        source = model.name_or_path
+        source = str(Path(source).expanduser()) if looks_local(source) else source
+        try:
+            config = AutoConfig.from_pretrained(
+                source, revision=model.revision, local_files_only=not hub_reachable()
+            )
+        except Exception:  # unreachable hub or unreadable folder: other checks say which
+            return None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def lora_problems(config: PipelineConfig) -> list[Problem]:
+    from tasks.modeling import matched_modules
+
+    model = skeleton(config.model)
+    if model is None:
+        return []
+    modules = dict(model.named_modules())
+    patterns = config.lora.target_modules
+    matches = matched_modules(model, patterns)
+    found = []
+    empty = [p for p, names in matches.items() if not names]
+    layers = sorted({n.split(".", 3)[-1] for n, m in modules.items()
+                     if type(m).__name__ in LORA_LAYERS and "." in n})
+    if empty:
+        found.append(Problem(
+            f"lora.target_modules {empty} match no module of the base model (its adaptable "
+            f"layers end in: {', '.join(layers)})",
+            (f"lora.target_modules=[{', '.join(kept_or(patterns, empty, layers))}]",),
+        ))
+    for pattern, names in matches.items():
+        other = sorted({type(modules[n]).__name__ for n in names} - LORA_LAYERS)
+        if other:
+            found.append(Problem(
+                f"lora.target_modules entry {pattern!r} matches a {other[0]}, which LoRA cannot "
+                f"adapt (adaptable layers end in: {', '.join(layers)})",
+                (f"lora.target_modules=[{', '.join(kept_or(patterns, pattern, layers))}]",),
+            ))
+    return found
+
+
+def kept_or(patterns: list[str], dropped, layers: list[str]) -> list[str]:
+    """The patterns without the dropped ones, or the first adaptable layer when none is left."""
+    kept = [p for p in patterns if p not in dropped]
+    return kept or layers[:1]
+
+
+def trainer_problems(config: PipelineConfig) -> list[Problem]:
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    found = []
+    for field, value, enum in (
+        ("training.optim", config.training.optim, OptimizerNames),
+        ("training.lr_scheduler_type", config.training.lr_scheduler_type, SchedulerType),
+    ):
+        names = [e.value for e in enum]
+        if value not in names:
+            close = difflib.get_close_matches(value, names, n=1) or names[:1]
+            found.append(Problem(f"{field}={value} is not a transformers name (known: "
+                                 f"{', '.join(names)})", (f"{field}={close[0]}",)))
+    return found
+
+
+def registry_problems(config: PipelineConfig) -> list[Problem]:
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils import validation
+
+    found = []
+    checks = (
+        ("registry.model_name", config.registry.model_name, "squadtune-model",
+         [validation._validate_model_name]),
+        ("registry.alias", config.registry.alias, "candidate",
+         [validation._validate_model_alias_name, validation._validate_model_alias_name_reserved]),
+        ("tracking.experiment_name", config.tracking.experiment_name, "squadtune",
+         [validation._validate_experiment_name]),
+    )
+    for field, value, example, rules in checks:
+        for rule in rules:
+            try:
+                rule(value)
+            except MlflowException as exc:
+                why = exc.message.rstrip(".")
+                found.append(Problem(f"{field}={value!r} is refused by MLflow: {why}",
+                                     (f"{field}={example}",)))
+                break
+    return found
+
+
+@functools.lru_cache(maxsize=8)
+def _data_problem(data_json: str, stamps: tuple) -> str | None:
+    """Read and validate the local data files as the data stage will (cached per file state:
+    the CLI and the flow both run preflight)."""
+    from tasks.load_squad import DataError, eval_overlap, read_local, validate
+
+    data = DataConfig.model_validate_json(data_json)
+    try:
+        train, v2 = read_local(data.train_files, "data.train_files")
+        held, eval_v2 = read_local(data.eval_files, "data.eval_files")
+        squad_v2 = (v2 or eval_v2) if data.squad_v2 is None else data.squad_v2
+        train, _ = validate(train, "train", squad_v2, data.max_bad_fraction)
+        held, _ = validate(held, "eval", squad_v2, data.max_bad_fraction)
+        overlap = eval_overlap(train, held)
+    except DataError as exc:
+        return str(exc)
+    if overlap["questions"] and data.eval_overlap == "refuse":
+        return (f"{overlap['questions']} held-out questions ({overlap['share']:.1%}) are also "
+                "training questions (same id, or same context and question)")
+    return None
+
+
+def data_problems(config: PipelineConfig) -> list[Problem]:
+    data = config.data
+    if not data.train_files:
+        return []
+    stamps = tuple(
+        (p, st.st_size, st.st_mtime_ns)
+        for p in (*data.train_files, *data.eval_files)
+        for st in [Path(p).expanduser().stat()]
+    )
+    wrong = _data_problem(data.model_dump_json(), stamps)
+    if wrong is None:
+        return []
+    if "training questions" in wrong:
+        fixes = ("data.eval_files=[/path/to/heldout.json]", "data.eval_overlap=allow")
+    elif "data.squad_v2=true" in wrong:
+        fixes = ("data.squad_v2=true",)
+    else:
+        fixes = ("data.train_files=[/path/to/squad.json]",)
+    return [Problem(wrong.rstrip("."), fixes)]
+
+
+def problems(config: PipelineConfig) -> list[Problem]:
+    return (trainer_problems(config) + registry_problems(config) + lora_problems(config)
+            + data_problems(config))
