@@ -102,13 +102,21 @@ def test_two_gloo_ranks_reach_the_adapter_of_one_process_with_twice_the_batch(
     raw["lora"]["lora_dropout"] = 0.0  # the two runs draw different dropout masks otherwise
     config = PipelineConfig.model_validate(raw)
     s = build_until_lora(config, tmp_path / "state")
+    # Likewise GPT-2's own dropout (0.1 on embeddings, attention and residuals): off for this test.
+    base_config = s["base"].dir / "model" / "config.json"
+    fields = json.loads(base_config.read_text())
+    base_config.write_text(json.dumps({**fields, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+                                       "resid_pdrop": 0.0}))
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("ddp") or client.get_experiment(
         client.create_experiment("ddp"))
     run_id = client.create_run(experiment.experiment_id).info.run_id
     # Length grouping forms its groups from the per-process batch size, so it would order the
-    # examples differently for batch 2 and batch 4; plain shuffling orders them the same.
-    same = {"max_steps": 3, "group_by_length": False}
+    # examples differently for batch 2 and batch 4; plain shuffling orders them the same. Plain SGD:
+    # Adam turns the first steps' near-zero LoRA gradients into full-size updates of their sign,
+    # which would magnify float rounding into differences that say nothing about the batches.
+    same = {"max_steps": 3, "group_by_length": False, "optim": "sgd", "learning_rate": 0.5,
+            "lr_scheduler_type": "constant", "warmup_steps": 0}
     ddp = tmp_path / "ddp"
     ddp.mkdir()
     manifest = train.run_stage(
@@ -133,8 +141,10 @@ def test_two_gloo_ranks_reach_the_adapter_of_one_process_with_twice_the_batch(
     reference = load_file(str(one / "adapter" / "adapter_model.safetensors"))
     assert any(not torch.equal(initial[k], trained[k]) for k in initial), "training moved nothing"
     assert trained.keys() == reference.keys()
-    for k in trained:
-        assert torch.allclose(trained[k], reference[k], rtol=1e-4, atol=1e-6), k
+    for k in trained:  # the updates agree, not only the weights they were added to
+        ddp_update, one_update = trained[k] - initial[k], reference[k] - initial[k]
+        assert one_update.abs().max() > 0, k
+        assert torch.allclose(ddp_update, one_update, rtol=1e-3, atol=1e-7), k
     # The adapter loads with plain PEFT, and what it loads is what rank 0 saved.
     model = PeftModel.from_pretrained(
         load_base_model(base_spec(s["base"]), config.quantization), str(ddp / "adapter")
