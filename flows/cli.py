@@ -23,10 +23,14 @@ def cmd_run(args) -> int:
     config = _load(args)
     from tasks.tracking import local_defaults
 
-    local_defaults(config.tracking.state_dir)
-    from flows.finetune import finetune
+    state = local_defaults(config.tracking.state_dir)
+    from flows.server import owned_server
 
-    summary = finetune(config)
+    # The embedded Prefect server is this process's child and dies with it, even by kill -9.
+    with owned_server(state):
+        from flows.finetune import finetune
+
+        summary = finetune(config)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -9,10 +9,11 @@ from pipeline_config import PipelineConfig, preflight
 from tasks.base_model import prepare_base_model
 from tasks.evaluate import evaluate_adapter
 from tasks.format_tokenize import format_and_tokenize
-from tasks.load_squad import load_squad
+from tasks.load_squad import check_overlap, load_squad
 from tasks.lora import apply_lora
 from tasks.register import register_adapter
 from tasks.report import report_run
+from tasks.stage import sweep_scratch
 from tasks.tracking import local_defaults, mlflow_run
 from tasks.train import train_adapter
 
@@ -33,8 +34,11 @@ def finetune(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008
     """
     preflight(config)
     state = str(local_defaults(config.tracking.state_dir))
+    for scratch in sweep_scratch(state):
+        print(f"removed {scratch}: the scratch directory of a build that died")
     with mlflow_run(config, flow_run.id, config.short_name()) as run_id:
         squad = load_squad(config.data, state)
+        check_overlap(squad.manifest["eval_overlap"], config.data)  # a cached output too
         tokenized = format_and_tokenize(squad, config.data, config.model, state)
         base = prepare_base_model(config.model, tokenized, config.data.max_seq_len, state)
         baseline = evaluate_adapter(

@@ -204,18 +204,27 @@ def mlflow_run(config: PipelineConfig, flow_run_id: str | None, run_name: str) -
 
     A run whose process was killed is continued by the next run of the same config (or the flow
     run's retry), so no run stays RUNNING forever. The run ends FAILED when the block raises, so
-    failed attempts stay visible.
+    failed attempts stay visible, and KILLED when the process is being stopped (SIGTERM, Ctrl-C).
     """
     import mlflow
+    from prefect.exceptions import ExternalSignal
 
-    exp = experiment_id(config.tracking.experiment_name, config.tracking.state_dir)
-    client = mlflow.MlflowClient()
-    run_id = open_run(exp, config, flow_run_id, run_name)
+    from tasks.lease import lease
+
+    state_dir = config.tracking.state_dir
+    # A new SQLite store is created (migrated) by its first client: one process at a time.
+    with lease(state_dir, "mlflow-store", "the MLflow store"):
+        exp = experiment_id(config.tracking.experiment_name, state_dir)
+        client = mlflow.MlflowClient()
+        run_id = open_run(exp, config, flow_run_id, run_name)
     client.log_text(run_id, dump_config(config), "config/resolved_config.yaml")
     status = "FAILED"
     try:
         yield run_id
         status = "FINISHED"
+    except (ExternalSignal, KeyboardInterrupt, SystemExit):
+        status = "KILLED"
+        raise
     finally:
         client.set_terminated(run_id, status=status)
 

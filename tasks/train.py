@@ -19,11 +19,16 @@ from typing import Any
 from prefect import task
 
 from pipeline_config import ModelConfig, QuantizationConfig, TrainingConfig
+from tasks.checkpoints import checksum_callback, describe, resume_point
 from tasks.modeling import base_spec, default_device, load_base_model, prepare_for_training
 from tasks.stage import Stage, StageOutput, upstream_keys, write_json
 from tasks.tracking import mlflow_callback
 
-STAGE = Stage("train", version="2", required=("adapter/adapter_config.json",))
+# The adapter is what evaluation and registration read: its bytes are the output's identity.
+STAGE = Stage(
+    "train", version="2", required=("adapter/adapter_config.json",), content=("adapter/",),
+    scratch=("checkpoints/",),
+)
 FEATURES = ("input_ids", "labels")
 RESULT = "train_result.json"
 
@@ -201,8 +206,7 @@ def train(
     model = PeftModel.from_pretrained(model, str(lora_init.dir / "adapter"), is_trainable=True)
 
     checkpoints_dir = out / "checkpoints"
-    done = complete_checkpoints(checkpoints_dir)
-    resume = done[-1] if done else None
+    resume, skipped = resume_point(checkpoints_dir)  # the newest checkpoint that loads
     resumed_from = checkpoint_step(resume) if resume else 0
     trainer = answer_only_trainer()(
         model=model,
@@ -212,13 +216,15 @@ def train(
         data_collator=collator(tokenizer, 8 if device == "cuda" else None),
         processing_class=tokenizer,
         callbacks=[
+            checksum_callback(),  # first: a failure injected on save must find it written
             mlflow_callback(run_id, skip_until_step=resumed_from),
             fault_injector(cfg.fail_after_step, resumed_from),
         ],
     )
     main = trainer.is_world_process_zero()
-    if resume and main:
-        print(f"resuming from {resume.name} (step {resumed_from} of {cfg.max_steps})")
+    where = describe(resume, skipped, cfg.max_steps)
+    if where and main:
+        print(where)
     monitor = system_metrics(run_id) if main else None
     tokens_before = resumed_tokens(resume)  # read now: checkpoint rotation may delete it
     started = time.perf_counter()
@@ -233,6 +239,7 @@ def train(
     summary = {
         "global_step": trainer.state.global_step,
         "resumed_from_step": resumed_from,
+        "skipped_checkpoints": skipped,
         "train_loss": result.training_loss,
         # The last logged loss; the run's mean loss when it ended before its first log line.
         "final_loss": next(

@@ -94,6 +94,30 @@ def test_a_lost_or_corrupt_output_rebuilds_that_stage_only(matrix, damage, stage
     assert rerun(matrix) == set(stages)
 
 
+def truncate(path: Path) -> None:
+    with open(path, "r+b") as fh:
+        fh.truncate(path.stat().st_size // 2)
+
+
+@pytest.mark.parametrize(
+    "stage, damage",
+    [
+        ("load_squad", lambda d: truncate(next((d / "eval").glob("*.arrow")))),
+        ("format_and_tokenize", lambda d: truncate(next((d / "train").glob("*.arrow")))),
+        (BASE, lambda d: shutil.rmtree(d / "model")),
+        (TRAIN, lambda d: truncate(d / "adapter" / "adapter_model.safetensors")),
+    ],
+    ids=["squad arrow truncated", "tokenized arrow truncated", "base model/ deleted",
+         "adapter truncated"],
+)
+def test_a_missing_or_truncated_file_rebuilds_that_stage_only(matrix, stage, damage):
+    """Issue 14, item 4: the manifest lists each file's size and hash; a damaged output is
+    rebuilt, and its identical content keeps every stage downstream cached."""
+    for directory in output_dirs(matrix, stage):
+        damage(directory)
+    assert rerun(matrix) == {stage}
+
+
 def test_deleted_evaluation_outputs_rebuild_both_evaluations_only(matrix):
     for directory in output_dirs(matrix, EVAL):
         shutil.rmtree(directory)

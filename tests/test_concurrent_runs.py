@@ -1,0 +1,137 @@
+"""`squadtune run` as a hostile user drives it: two runs racing on one state dir, and runs killed
+with SIGKILL or SIGTERM. Issue 14, items 2 and 5, through the real CLI in real processes.
+
+Each child gets only the state dir: its Prefect database, MLflow store and results are created
+there by whichever run comes first, as on a fresh checkout.
+"""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import psutil
+import yaml
+
+from tasks.stage import read_manifest
+from tests.conftest import tiny_config_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(config: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", "--config", str(config)], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def write_config(tmp_path: Path, small_squad_file: Path, name: str, **training) -> Path:
+    raw = tiny_config_dict(small_squad_file, tmp_path / "state")
+    raw["training"].update(training)
+    raw["registry"]["model_name"] = name
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def only_output(state: Path, stage: str) -> Path:
+    (directory,) = [d for d in (state / "artifacts" / stage).iterdir() if read_manifest(d)]
+    return directory
+
+
+def test_two_runs_started_together_leave_one_valid_result(tmp_path, small_squad_file):
+    config = write_config(tmp_path, small_squad_file, "squadtune-test-race", max_steps=8)
+    first, second = cli(config), cli(config)
+    outs = [p.communicate(timeout=900) for p in (first, second)]
+    for proc, (_out, err) in zip((first, second), outs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+    summaries = [json.loads(out[out.index("{\n"):]) for out, _ in outs]
+    assert summaries[0]["model_version"] == summaries[1]["model_version"] == 1
+
+    state = tmp_path / "state"
+    train = only_output(state, "train")
+    trained = read_manifest(train)
+    assert trained["resumed_from_step"] == 0 and trained["global_step"] == 8
+    adapter = train / "adapter" / "adapter_model.safetensors"
+    assert trained["files"]["adapter/adapter_model.safetensors"]["sha256"] == sha256(adapter)
+    # The evaluation scored this adapter, and this adapter is what the registry holds.
+    scored = [read_manifest(d) for d in (state / "artifacts" / "eval").iterdir()]
+    (adapter_eval,) = [m for m in scored if m["with_adapter"]]
+    assert adapter_eval["upstream"][f"train:{trained['key']}"] == trained["content_hash"]
+    (shipped,) = state.glob("mlartifacts/**/artifacts/adapter/adapter_model.safetensors")
+    assert sha256(shipped) == sha256(adapter)
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{state / 'mlflow.db'}")
+    runs = {s["mlflow_run_id"]: client.get_run(s["mlflow_run_id"]) for s in summaries}
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs.values())
+    kinds = sorted(r.data.tags["squadtune.run_kind"] for r in runs.values())
+    assert kinds.count("trained") == 1, kinds  # one run trained, the other used its adapter
+    assert trained["mlflow_run_id"] in runs
+
+
+def descendants(proc: subprocess.Popen) -> list[psutil.Process]:
+    return psutil.Process(proc.pid).children(recursive=True)
+
+
+def wait_for_training(proc: subprocess.Popen, state: Path, past_step: int = 0) -> int:
+    """Block until a checkpoint after `past_step` exists; return its step."""
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        steps = [int(c.name.split("-")[1])
+                 for c in state.glob("artifacts/train/*/checkpoints/checkpoint-*")]
+        if steps and max(steps) > past_step:
+            return max(steps)
+        time.sleep(0.2)
+    raise AssertionError("training did not reach a new checkpoint in 600 s")
+
+
+def test_a_killed_run_leaves_no_process_and_the_next_run_cleans_up(tmp_path, small_squad_file):
+    config = write_config(tmp_path, small_squad_file, "squadtune-test-killed", max_steps=400,
+                          save_steps=2, logging_steps=2)
+    state = tmp_path / "state"
+
+    # kill -9: no handler runs; the server must die with the CLI anyway.
+    run = cli(config)
+    step = wait_for_training(run, state)
+    children = descendants(run)
+    assert any("uvicorn" in " ".join(c.cmdline()) for c in children), "the run owns its server"
+    run.send_signal(signal.SIGKILL)
+    run.communicate(timeout=60)
+    gone, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive, [p.cmdline() for p in alive]
+
+    # A scratch directory a killed build left behind goes with the next run.
+    scratch = state / "artifacts" / "register" / "0123abcd.partial-4194303"
+    scratch.mkdir(parents=True)
+    (scratch / "model.bin").write_bytes(b"0" * 4096)
+
+    # SIGTERM: the run ends its MLflow run KILLED, and its server goes too.
+    run = cli(config)
+    wait_for_training(run, state, past_step=step)
+    children = descendants(run)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode != 0
+    gone, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive, [p.cmdline() for p in alive]
+    assert not scratch.exists()
+    assert "removed" in err and "a build that died" in err
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{state / 'mlflow.db'}")
+    (run_info,) = client.search_runs([client.get_experiment_by_name("squadtune-tests")
+                                      .experiment_id])
+    assert run_info.info.status == "KILLED", "continued after kill -9, then ended by SIGTERM"
+    assert run_info.data.tags["squadtune.attempts"] == "2"
