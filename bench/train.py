@@ -9,9 +9,15 @@ same number of steps of the same batch size, drawing from the same SQuAD dev exa
 * seed: the seed recipe's data (every example padded to 512 tokens, `bench/data.py`), every
   non-padding token in the loss, the LM head over all 512 positions;
 * squadtune: the tokenize stage's rows, dynamic padding in length-grouped batches, the loss and
-  the LM head only on the answer and its `<|end|>`.
+  the LM head only on the answer and its `<|end|>`;
+* shared: the same rows packed by paragraph (`tasks.shared_training`: the prompt up to the
+  question once, each question and answer as a branch), batches of about the same number of
+  examples, the same loss.
 
-The figure is non-padding tokens trained per second (the same example tokens count in both).
+The examples are whole SQuAD dev paragraphs drawn at random (about 5 questions each), --steps x
+--batch-size of them: squadtune and shared each train exactly one pass over them. The seed figure
+is non-padding tokens trained per second (the same example tokens count in both);
+`shared_prefix_speedup` is training examples per second, shared over squadtune.
 Prints one JSON line. With CUDA, --flops also reports model FLOPs utilisation.
 """
 
@@ -35,8 +41,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 def make_trainer(kind: str, model, dataset, tokenizer, steps: int, batch: int, work: Path, bf16):
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-    from tasks import train
+    from tasks import shared_training, train
 
+    if kind == "shared":  # a row is a paragraph: about `batch` examples per step
+        rows = max(1, round(batch * len(dataset) / sum(dataset["examples"])))
+        batch, steps = rows, -(-len(dataset) // rows)
     args = TrainingArguments(
         output_dir=str(work / kind),
         max_steps=steps,
@@ -49,8 +58,9 @@ def make_trainer(kind: str, model, dataset, tokenizer, steps: int, batch: int, w
         use_cpu=not __import__("torch").cuda.is_available(),
         bf16=bf16,
         remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding",
-        train_sampling_strategy="group_by_length" if kind == "squadtune" else "random",
+        # "non_padding" sums the attention mask, which is 4D (and additive) for packed rows.
+        include_num_input_tokens_seen="all" if kind == "shared" else "non_padding",
+        train_sampling_strategy="random" if kind == "seed" else "group_by_length",
         length_column_name="length",
         seed=0,
         disable_tqdm=True,
@@ -59,8 +69,10 @@ def make_trainer(kind: str, model, dataset, tokenizer, steps: int, batch: int, w
         # The seed's collator: labels = input_ids with padding (EOS) masked.
         collate = DataCollatorForLanguageModeling(tokenizer, mlm=False)
         return Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate)
+    collate = (shared_training.PackedCollator(tokenizer.pad_token_id, 8) if kind == "shared"
+               else train.collator(tokenizer, 8))
     return train.answer_only_trainer()(
-        model=model, args=args, train_dataset=dataset, data_collator=train.collator(tokenizer, 8),
+        model=model, args=args, train_dataset=dataset, data_collator=collate,
     )
 
 
@@ -81,18 +93,25 @@ def main() -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from bench.data import seed_preprocess
+    from bench.eval import paragraph_sample
     from pipeline_config import DataConfig, LoraSettings, ModelConfig, QuantizationConfig
+    from tasks.chat_format import USER
     from tasks.format_tokenize import chat_tokenizer, tokenize_split
     from tasks.load_squad import features, read_file, validate
     from tasks.modeling import count_parameters, load_base_model, lora_config, prepare_for_training
+    from tasks.shared_training import pack_paragraphs
 
     rows, _ = read_file(Path(args.squad))
     good, _ = validate(rows, "bench", squad_v2=False, max_bad=0.0)
-    examples = Dataset.from_list(good[: args.steps * args.batch_size * 2], features=features())
+    examples = Dataset.from_list(paragraph_sample(good, args.steps * args.batch_size * 2),
+                                 features=features())
     model_cfg = ModelConfig(name_or_path=None, tokenizer=args.tokenizer, random_init={})
     tokenizer, new_ids = chat_tokenizer(model_cfg)
     data = DataConfig(hub_dataset=None, train_files=["unused"], max_seq_len=512)
     ours, _ = tokenize_split(examples, tokenizer, data, drop=True)
+    ours = ours.select(range(min(len(ours), args.steps * args.batch_size)))  # one pass each
+    # Twice max_seq_len holds a paragraph's questions whole (positions stay per question).
+    shared = pack_paragraphs(ours, 2 * data.max_seq_len, tokenizer.convert_tokens_to_ids(USER))
     seed = seed_preprocess(examples, chat_tokenizer(model_cfg)[0])
     quant = QuantizationConfig(load_in_4bit=args.quantized, bnb_4bit_compute_dtype="float32")
     layers, width = (int(x) for x in args.shape.split("x"))
@@ -102,7 +121,7 @@ def main() -> None:
         torch.manual_seed(0)
         GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_layer=layers, n_embd=width,
                                    n_head=max(1, width // 64))).save_pretrained(work / "base")
-        for kind, dataset in (("seed", seed), ("squadtune", ours)):
+        for kind, dataset in (("seed", seed), ("squadtune", ours), ("shared", shared)):
             base = load_base_model({"source": str(work / "base"), "vocab_size": len(tokenizer)},
                                    quant)
             base = prepare_for_training(base, quant, gradient_checkpointing=False)
@@ -114,8 +133,12 @@ def main() -> None:
             trainer.train()
             seconds = time.perf_counter() - start
             tokens = trainer.state.num_input_tokens_seen
-            results[kind] = {"seconds": seconds, "tokens": tokens,
-                             "tokens_per_s": tokens / seconds}
+            examples = (trainer.state.global_step * args.batch_size if kind != "shared"
+                        else sum(dataset["examples"]))
+            results[kind] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+                             "examples_per_s": examples / seconds,
+                             "batch": trainer.args.per_device_train_batch_size,
+                             "steps": trainer.state.global_step}
             params = count_parameters(model)["total"]
             del trainer, model, base
     result = {
@@ -132,6 +155,17 @@ def main() -> None:
         "goal_speedup": 3,
         "seed_seconds": round(results["seed"]["seconds"], 1),
         "squadtune_seconds": round(results["squadtune"]["seconds"], 1),
+        "examples": len(ours),
+        "packed_rows": len(shared),
+        "squadtune_examples_per_s": round(results["squadtune"]["examples_per_s"], 2),
+        "shared_examples_per_s": round(results["shared"]["examples_per_s"], 2),
+        "shared_prefix_speedup": round(
+            results["shared"]["examples_per_s"] / results["squadtune"]["examples_per_s"], 2
+        ),
+        "goal_shared_prefix_speedup": 2.5,
+        "shared_batch_size": results["shared"]["batch"],
+        "shared_steps": results["shared"]["steps"],
+        "shared_seconds": round(results["shared"]["seconds"], 1),
         "parameters": params,
     }
     if torch.cuda.is_available():
