@@ -111,7 +111,11 @@ def owned_server(state_dir: str | Path) -> Iterator[str | None]:
         return
     # Held until the server answers, i.e. until it has migrated the database.
     with lease(state_dir, "prefect-server-start", "the Prefect database"):
-        proc, url = start_server(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+        # The environment first: Prefect's settings may have been read before local_defaults.
+        timeout = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")
+        proc, url = start_server(
+            float(timeout or PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+        )
     try:
         with temporary_settings({PREFECT_API_URL: url}):
             try:

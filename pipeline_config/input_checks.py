@@ -125,7 +125,7 @@ def registry_problems(config: PipelineConfig) -> list[Problem]:
 def _data_problem(data_json: str, stamps: tuple) -> str | None:
     """Read and validate the local data files as the data stage will (cached per file state:
     the CLI and the flow both run preflight)."""
-    from tasks.load_squad import DataError, eval_overlap, read_local, validate
+    from tasks.squad_io import DataError, eval_overlap, read_local, validate
 
     data = DataConfig.model_validate_json(data_json)
     try:
