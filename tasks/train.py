@@ -25,8 +25,9 @@ from tasks.stage import Stage, StageOutput, upstream_keys, write_json
 from tasks.tracking import mlflow_callback
 
 # The adapter is what evaluation and registration read: its bytes are the output's identity.
+# v3: length-grouped batches in an order seeded per epoch (a resumed run trains the same batches).
 STAGE = Stage(
-    "train", version="2", required=("adapter/adapter_config.json",), content=("adapter/",),
+    "train", version="3", required=("adapter/adapter_config.json",), content=("adapter/",),
     scratch=("checkpoints/",),
 )
 FEATURES = ("input_ids", "labels")
@@ -78,8 +79,39 @@ def answer_only_trainer():
     import torch
     import torch.nn.functional as F
     from transformers import Trainer
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+        """Length-grouped order drawn from `seed + epoch`, not from the global RNG.
+
+        transformers' sampler draws each epoch's order from the global RNG when the epoch's
+        iterator is made; a run resumed past an epoch boundary makes it before restoring the
+        checkpoint's RNG state, so its later epochs saw another order than the uninterrupted run.
+        """
+
+        def __init__(self, sampler: LengthGroupedSampler, seed: int):
+            super().__init__(sampler.batch_size, lengths=sampler.lengths)
+            self.seed = seed
+            self.set_epoch(0)
+
+        def set_epoch(self, epoch: int) -> None:
+            self.generator = torch.Generator().manual_seed(self.seed + epoch)
 
     class AnswerOnlyLossTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            if isinstance(sampler, LengthGroupedSampler):
+                seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+                sampler = EpochSeededLengthGroupedSampler(sampler, seed)
+            self.epoch_sampler = sampler
+            return sampler
+
+        def _run_epoch(self, model, epoch, *args, **kwargs):
+            # Under DDP accelerate's batch-sampler shard does not pass set_epoch on: do it here.
+            if hasattr(getattr(self, "epoch_sampler", None), "set_epoch"):
+                self.epoch_sampler.set_epoch(epoch)
+            return super()._run_epoch(model, epoch, *args, **kwargs)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs.pop("labels")
             targets = labels[:, 1:]
