@@ -56,7 +56,8 @@ def matrix(small_squad_file, tmp_path_factory, prefect_harness):
         ("model.random_init.seed", 1, {BASE, LORA, TRAIN, EVAL, BASELINE, REGISTER}),
         ("data.max_seq_len", 300,
          {"format_and_tokenize", LORA, TRAIN, EVAL, BASELINE, REGISTER}),
-        ("data.seed", 7, set(STAGES)),
+        # The random base depends on the model config and the vocabulary, not on the data.
+        ("data.seed", 7, set(STAGES) - {BASE}),
     ],
 )
 def test_a_config_change_reruns_exactly_the_stages_downstream(matrix, key, value, expected):
