@@ -31,6 +31,17 @@ Contracts:
 * Packing is deterministic (rows in order of first appearance), so a resumed run replays the
   same batches; steps count packed batches, so a checkpoint is only resumable by a run with the
   same packing setting (it must be part of the training stage's cache key).
+* transformers passes a 4D `attention_mask` through untouched (`masking_utils`), so
+  `include_num_input_tokens_seen="non_padding"` (which sums the mask) must become "all" here.
+
+Wiring into a Trainer (the eval split too: one collator serves both):
+
+    user = tokenizer.convert_tokens_to_ids(USER)
+    train_ds = pack_paragraphs(train_ds, 2 * max_seq_len, user)
+    trainer = answer_only_trainer()(..., train_dataset=train_ds,
+        eval_dataset=pack_paragraphs(eval_ds, 2 * max_seq_len, user),
+        data_collator=PackedCollator(tokenizer.pad_token_id, pad_to_multiple_of),
+        callbacks=[f1_callback(tokenizer, questions, log, generation, every_steps)])
 """
 
 from __future__ import annotations
