@@ -79,15 +79,19 @@ def problem(checkpoint: Path) -> str | None:
     return None
 
 
-def resume_point(directory: Path) -> tuple[Path | None, list[str]]:
-    """The newest checkpoint that loads, and one line per newer one skipped and why."""
+def resume_point(directory: Path, max_steps: int) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that loads, and one line per newer one skipped and why.
+
+    A checkpoint past `max_steps` is skipped: the Trainer, resumed from its last step, trains one
+    more step and saves it, and resuming from that one would train past the end again.
+    """
     found = sorted(
         (step, path) for path in directory.glob("checkpoint-*")
         if (step := step_of(path)) is not None and path.is_dir()
     )
     skipped = []
-    for _, path in reversed(found):
-        wrong = problem(path)
+    for step, path in reversed(found):
+        wrong = problem(path) if step <= max_steps else f"past max_steps={max_steps}"
         if wrong is None:
             return path, skipped
         skipped.append(f"{path.name}: {wrong}")

@@ -238,7 +238,7 @@ def train(
     model = PeftModel.from_pretrained(model, str(lora_init.dir / "adapter"), is_trainable=True)
 
     checkpoints_dir = out / "checkpoints"
-    resume, skipped = resume_point(checkpoints_dir)  # the newest checkpoint that loads
+    resume, skipped = resume_point(checkpoints_dir, cfg.max_steps)  # the newest that loads
     resumed_from = checkpoint_step(resume) if resume else 0
     trainer = answer_only_trainer()(
         model=model,
