@@ -155,13 +155,21 @@ def task_states(flow_state) -> dict[str, str]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    import time
+
+    # The server records task-run states asynchronously: read until every one is final.
+    deadline = time.time() + 30
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(
-                id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])
+        while True:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(
+                    id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])
+                )
             )
-        )
-    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+            if time.time() > deadline or all(r.state and r.state.is_final() for r in runs):
+                break
+            time.sleep(0.2)
+    return {run.name.rsplit("-", 1)[0]: run.state.name if run.state else "None" for run in runs}
 
 
 def flow_artifacts(flow_state) -> dict[str, object]:
