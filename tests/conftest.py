@@ -152,10 +152,10 @@ def prefect_harness():
 
 def task_states(flow_state) -> dict[str, str]:
     """Task name -> state name of the flow run behind `flow_state`."""
+    import time
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    import time
 
     # The server records task-run states asynchronously: read until every one is final.
     deadline = time.time() + 30
