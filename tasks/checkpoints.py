@@ -8,10 +8,11 @@ carries `checksums.json` (written right after the Trainer saved it), their sha25
 
 from __future__ import annotations
 
-import hashlib
 import json
 import zipfile
 from pathlib import Path
+
+from tasks.squad_io import sha256_file
 
 CHECKSUMS = "checksums.json"
 TORCH_FILES = (".pt", ".pth", ".bin")  # torch.save's zip format, each member CRC-checked
@@ -20,14 +21,6 @@ TORCH_FILES = (".pt", ".pth", ".bin")  # torch.save's zip format, each member CR
 def step_of(path: Path) -> int | None:
     tail = path.name.rsplit("-", 1)[-1]
     return int(tail) if tail.isdigit() else None
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _safetensors_problem(path: Path) -> str | None:
@@ -74,7 +67,7 @@ def problem(checkpoint: Path) -> str | None:
         path = checkpoint / name
         if not path.is_file():
             return f"{name} is missing"
-        if sha256_of(path) != digest:
+        if sha256_file(path) != digest:
             return f"{name} changed since it was saved (sha256 differs)"
     return None
 
@@ -120,7 +113,7 @@ def checksum_callback():
                 return
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if checkpoint.is_dir():
-                sums = {p.name: sha256_of(p) for p in sorted(checkpoint.iterdir())
+                sums = {p.name: sha256_file(p) for p in sorted(checkpoint.iterdir())
                         if p.is_file() and p.name != CHECKSUMS}
                 tmp = checkpoint / f".{CHECKSUMS}.tmp"
                 tmp.write_text(json.dumps(sums, indent=1))

@@ -26,11 +26,9 @@ class DataError(InputError):
 
 
 def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
+    """sha256 of a file's bytes, read in chunks: the identity of data files and stage outputs."""
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def local_path(path: str, field: str) -> Path:

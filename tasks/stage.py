@@ -13,7 +13,6 @@ record only points at the directory, whose manifest is re-read whenever a record
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ from pydantic import BaseModel, model_validator
 
 from pipeline_config import stable_hash
 from tasks.lease import free, lease
+from tasks.squad_io import sha256_file
 
 MANIFEST = "manifest.json"
 SCRATCH = ".partial-"
@@ -72,14 +72,6 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
     return manifest if isinstance(manifest, dict) else None
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def list_files(directory: Path, skip: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
     """relative path -> size, mtime and sha256 of every file of an output (not the manifest)."""
     skip = tuple(skip)
@@ -89,7 +81,7 @@ def list_files(directory: Path, skip: Iterable[str] = ()) -> dict[str, dict[str,
         if rel == MANIFEST or rel.startswith(skip):
             continue
         st = path.stat()
-        files[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_of(path)}
+        files[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
     return files
 
 
@@ -104,7 +96,7 @@ def damage(directory: Path, files: dict[str, dict[str, Any]]) -> str | None:
             return f"{rel} is missing"
         if st.st_size != meta["size"]:
             return f"{rel} has {st.st_size} bytes, not {meta['size']}"
-        if st.st_mtime_ns != meta["mtime_ns"] and sha256_of(path) != meta["sha256"]:
+        if st.st_mtime_ns != meta["mtime_ns"] and sha256_file(path) != meta["sha256"]:
             return f"{rel} changed content"
     return None
 
