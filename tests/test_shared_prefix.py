@@ -55,9 +55,20 @@ def tiny_model(tokenizer, path, quantized: bool):
     return peft.eval()
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["fp32", "4bit"])
-def model(request, tokenizer, tmp_path_factory):
-    return tiny_model(tokenizer, tmp_path_factory.mktemp("tiny"), request.param)
+@pytest.fixture(scope="module")
+def models(tokenizer, tmp_path_factory):
+    """quantized -> the tiny model, built on first use."""
+    built = {}
+
+    def get(quantized: bool):
+        if quantized not in built:
+            built[quantized] = tiny_model(tokenizer, tmp_path_factory.mktemp("tiny"), quantized)
+        return built[quantized]
+
+    return get
+
+
+BOTH = [pytest.param(False, id="fp32"), pytest.param(True, id="4bit", marks=pytest.mark.slow)]
 
 
 def test_prefix_plan_is_system_then_context_then_question(tokenizer, dev_rows):
@@ -80,11 +91,17 @@ def test_prefix_plan_is_system_then_context_then_question(tokenizer, dev_rows):
     assert all(len(b) <= 8 for b in batches)
 
 
-@pytest.mark.parametrize("max_prompt_tokens", [384, 150], ids=["whole", "contexts-cut"])
-def test_shared_generation_equals_batched_on_dev_questions(model, tokenizer, dev_rows,
-                                                           max_prompt_tokens):
+@pytest.mark.parametrize(("quantized", "max_prompt_tokens"), [
+    pytest.param(False, 384, id="fp32-whole"),
+    pytest.param(True, 150, id="4bit-contexts-cut"),
+    pytest.param(False, 150, id="fp32-contexts-cut", marks=pytest.mark.slow),
+    pytest.param(True, 384, id="4bit-whole", marks=pytest.mark.slow),
+])
+def test_shared_generation_equals_batched_on_dev_questions(models, tokenizer, dev_rows,
+                                                           quantized, max_prompt_tokens):
     """Same greedy answers on 43 real questions, in batches that split paragraphs; with 150
     tokens most contexts are cut, each question's context by a different amount."""
+    model = models(quantized)
     contexts = [r["context"] for r in dev_rows]
     questions = [r["question"] for r in dev_rows]
     kwargs = {"max_new_tokens": MAX_NEW, "batch_size": 6, "max_prompt_tokens": max_prompt_tokens}
@@ -97,7 +114,8 @@ def test_shared_generation_equals_batched_on_dev_questions(model, tokenizer, dev
     assert 5 < empty < len(batched) - 5, "some answers stop at once, others go on"
 
 
-def test_shared_generation_keeps_window_rules(model, tokenizer, dev_rows):
+def test_shared_generation_keeps_window_rules(models, tokenizer, dev_rows):
+    model = models(False)
     row = dev_rows[0]
     with pytest.raises(PromptTooLong):
         generate_answers(model, tokenizer, [row["context"]], [row["question"]],
@@ -109,9 +127,11 @@ def test_shared_generation_keeps_window_rules(model, tokenizer, dev_rows):
     assert generate_answers(model, tokenizer, [], [], max_new_tokens=MAX_NEW, batch_size=4) == []
 
 
-def test_shared_logits_match_full_prompt_forward(model, tokenizer, dev_rows):
+@pytest.mark.parametrize("quantized", BOTH)
+def test_shared_logits_match_full_prompt_forward(models, tokenizer, dev_rows, quantized):
     """The first answer token's logits from the shared caches equal one full forward of the
     prompt alone, to float rounding."""
+    model = models(quantized)
     rows = dev_rows[:6]
     prompts = ChatEncoder(tokenizer).prompts(
         [r["context"] for r in rows], [r["question"] for r in rows], 384
