@@ -1,9 +1,10 @@
 """Data stage throughput against the seed recipe's preprocessing, same data, same run.
 
-    .venv/bin/python bench/data.py [--squad ../shared/data/squad/dev-v1.1.json.gz]
+    .venv/bin/python bench/data.py [--squad ../shared/data/squad/dev-v1.1.json.gz] [--questions N]
 
-Both start from the flattened SQuAD dev set (10,570 questions) and the real GPT-2 tokenizer with the
-chat tokens, and end with an Arrow dataset saved to disk:
+Both start from the flattened SQuAD dev set (10,570 questions; --questions N takes N of them, one
+article after another, for a quick check) and the real GPT-2 tokenizer with the chat tokens, and end
+with an Arrow dataset saved to disk:
 
 * seed: `Dataset.map(batched=False)`, the prompt and the answer tokenized separately, each padded to
   512 tokens (the seed recipe's preprocessing, defects included);
@@ -30,6 +31,9 @@ SHARED = ROOT.parent / "shared" / "data"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Read when Prefect is first imported (the stage modules import it), before `local_defaults` runs:
+# on a loaded machine the ephemeral server needs more than Prefect's default 20 s to start.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def dir_bytes(path: Path) -> int:
@@ -39,7 +43,7 @@ def dir_bytes(path: Path) -> int:
 def seed_preprocess(dataset, tokenizer):
     """The seed recipe's preprocessing, defects included: one example at a time, the prompt and
     the answer tokenized separately, each padded to 512 tokens, `pad_token = eos_token`."""
-    from tasks.chat_format import CONTENT_ACK, GREETING, SYSTEM_PROMPT
+    from squadtune.chat_format import CONTENT_ACK, GREETING, SYSTEM_PROMPT
 
     tokenizer.pad_token = tokenizer.eos_token
 
@@ -96,6 +100,19 @@ def squadtune_stage(dataset, tokenizer, out: Path, num_proc: int) -> dict:
     }
 
 
+def question_sample(rows: list[dict], questions: int) -> list[dict]:
+    """`questions` rows taken one article after another (round robin, in dev-set order), so
+    that even a few of them span several articles: the data stage holds out whole articles."""
+    articles: dict[str, list[dict]] = {}
+    for row in rows:
+        articles.setdefault(row["title"], []).append(row)
+    picked, depth = [], 0
+    while len(picked) < min(questions, len(rows)):
+        picked += [a[depth] for a in articles.values() if depth < len(a)]
+        depth += 1
+    return picked[:questions]
+
+
 def cached_rerun(squad_file: Path, work: Path) -> dict:
     """Both data stages as a Prefect flow, twice; the second run is all cache hits."""
     from tasks.tracking import local_defaults
@@ -103,19 +120,22 @@ def cached_rerun(squad_file: Path, work: Path) -> dict:
     local_defaults(work / "state")
     from prefect import flow
 
-    from pipeline_config import DataConfig, ModelConfig
+    from pipeline_config import DataConfig, ModelConfig, PipelineConfig
     from tasks.format_tokenize import format_and_tokenize
     from tasks.load_squad import load_squad
+    from tasks.stage import Run
 
     data = DataConfig(hub_dataset=None, train_files=[str(squad_file)])
     model = ModelConfig(name_or_path=None, tokenizer=str(SHARED / "gpt2-tokenizer"),
                         random_init={})
+    config = PipelineConfig(data=data, model=model)
 
     @flow
     def data_stages(state: str) -> float:
         start = time.perf_counter()
-        squad = load_squad(data, state)
-        format_and_tokenize(squad, data, model, state)
+        run = Run(config=config, state_dir=state)
+        squad = load_squad(run)
+        format_and_tokenize(run, squad)
         return time.perf_counter() - start
 
     first = data_stages(str(work / "state"))
@@ -128,6 +148,8 @@ def main() -> None:
     parser.add_argument("--squad", default=str(SHARED / "squad" / "dev-v1.1.json.gz"))
     parser.add_argument("--tokenizer", default=str(SHARED / "gpt2-tokenizer"))
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--questions", type=int, default=None,
+                        help="use N questions of the file (default: all)")
     args = parser.parse_args()
 
     from datasets import Dataset
@@ -138,10 +160,16 @@ def main() -> None:
 
     rows, _ = read_file(Path(args.squad))
     good, _ = validate(rows, "bench", squad_v2=False, max_bad=0.0)
+    if args.questions is not None:
+        good = question_sample(good, args.questions)
     dataset = Dataset.from_list(good, features=features())
     model = ModelConfig(name_or_path=None, tokenizer=args.tokenizer, random_init={})
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        squad_file = Path(args.squad)
+        if args.questions is not None:  # the flow reads the same questions, in the hub schema
+            squad_file = work / "questions.jsonl"
+            squad_file.write_text("".join(json.dumps(r) + "\n" for r in good))
         def fastest(runs):
             return min(runs, key=lambda r: r["seconds"])
 
@@ -157,7 +185,7 @@ def main() -> None:
             for n in (1, 2)
         }
         best = min(ours, key=lambda n: ours[n]["seconds"])
-        cache = cached_rerun(Path(args.squad), work)
+        cache = cached_rerun(squad_file, work)
     seed_rate = seed["examples"] / seed["seconds"]
     result = {
         "bench": "data",

@@ -11,7 +11,7 @@ article alone asks 30 about one paragraph). Each mode answers them all:
 
 * batched: every prompt prefilled whole, length-sorted left-padded batches (`model.generate`);
 * shared: the system turns once, each context once, per question only the question and answer
-  (`tasks.shared_prefix`), `shared_prefix_speedup` being its questions/s over batched;
+  (`squadtune.shared_prefix`), `shared_prefix_speedup` being its questions/s over batched;
 * batch1 (with --batch1, slow): one question at a time, `speedup` being batched over it.
 
 The answers of every mode are compared with the batched ones. Prints one JSON line.
@@ -38,7 +38,7 @@ def build_model(shape: str, vocab_size: int, quantized: bool, work: Path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from pipeline_config import LoraSettings, QuantizationConfig
-    from tasks.modeling import load_base_model, lora_config
+    from squadtune.modeling import load_base_model, lora_config
 
     layers, width = (int(x) for x in shape.split("x"))
     torch.manual_seed(0)
@@ -47,7 +47,7 @@ def build_model(shape: str, vocab_size: int, quantized: bool, work: Path):
     GPT2LMHeadModel(config).save_pretrained(work / "base")
     quant = QuantizationConfig(load_in_4bit=quantized, bnb_4bit_compute_dtype="float32")
     base = load_base_model({"source": str(work / "base"), "vocab_size": vocab_size}, quant)
-    model = get_peft_model(base, lora_config(LoraSettings(lora_r=32)))
+    model = get_peft_model(base, lora_config(LoraSettings(lora_r=32).peft_kwargs()))
     return model.eval()
 
 
@@ -86,9 +86,9 @@ def main() -> None:
     import torch
 
     from pipeline_config import ModelConfig
+    from squadtune.modeling import Generation, generate_answers
     from tasks.format_tokenize import chat_tokenizer
     from tasks.load_squad import read_file
-    from tasks.modeling import generate_answers
 
     rows, _ = read_file(Path(args.squad))
     rows = paragraph_sample(rows, args.questions)
@@ -101,10 +101,11 @@ def main() -> None:
 
     def run(batch_size: int, shared: bool, n: int = len(rows)) -> tuple[float, list[str]]:
         start = time.perf_counter()
-        answers = generate_answers(
-            model, tokenizer, contexts[:n], questions[:n], max_new_tokens=args.max_new_tokens,
-            batch_size=batch_size, max_prompt_tokens=args.max_prompt_tokens, shared_prefix=shared,
+        generation = Generation(
+            max_new_tokens=args.max_new_tokens, batch_size=batch_size,
+            max_prompt_tokens=args.max_prompt_tokens, shared_prefix=shared,
         )
+        answers = generate_answers(model, tokenizer, contexts[:n], questions[:n], generation)
         return time.perf_counter() - start, answers
 
     for shared in (False, True):  # warm-up: allocator, bitsandbytes kernels

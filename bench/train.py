@@ -10,7 +10,7 @@ same number of steps of the same batch size, drawing from the same SQuAD dev exa
   non-padding token in the loss, the LM head over all 512 positions;
 * squadtune: the tokenize stage's rows, dynamic padding in length-grouped batches, the loss and
   the LM head only on the answer and its `<|end|>`;
-* shared: the same rows packed by paragraph (`tasks.shared_training`: the prompt up to the
+* shared: the same rows packed by paragraph (`squadtune.shared_training`: the prompt up to the
   question once, each question and answer as a branch), batches of about the same number of
   examples, the same loss.
 
@@ -41,7 +41,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 def make_trainer(kind: str, model, dataset, tokenizer, steps: int, batch: int, work: Path, bf16):
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-    from tasks import shared_training, train
+    from squadtune import shared_training
+    from squadtune.trainer import answer_only_trainer, collator
 
     if kind == "shared":  # a row is a paragraph: about `batch` examples per step
         rows = max(1, round(batch * len(dataset) / sum(dataset["examples"])))
@@ -70,8 +71,8 @@ def make_trainer(kind: str, model, dataset, tokenizer, steps: int, batch: int, w
         collate = DataCollatorForLanguageModeling(tokenizer, mlm=False)
         return Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate)
     collate = (shared_training.PackedCollator(tokenizer.pad_token_id, 8) if kind == "shared"
-               else train.collator(tokenizer, 8))
-    return train.answer_only_trainer()(
+               else collator(tokenizer, 8))
+    return answer_only_trainer()(
         model=model, args=args, train_dataset=dataset, data_collator=collate,
     )
 
@@ -95,11 +96,16 @@ def main() -> None:
     from bench.data import seed_preprocess
     from bench.eval import paragraph_sample
     from pipeline_config import DataConfig, LoraSettings, ModelConfig, QuantizationConfig
-    from tasks.chat_format import USER
+    from squadtune.chat_format import USER
+    from squadtune.modeling import (
+        count_parameters,
+        load_base_model,
+        lora_config,
+        prepare_for_training,
+    )
+    from squadtune.shared_training import pack_paragraphs
     from tasks.format_tokenize import chat_tokenizer, tokenize_split
     from tasks.load_squad import features, read_file, validate
-    from tasks.modeling import count_parameters, load_base_model, lora_config, prepare_for_training
-    from tasks.shared_training import pack_paragraphs
 
     rows, _ = read_file(Path(args.squad))
     good, _ = validate(rows, "bench", squad_v2=False, max_bad=0.0)
@@ -124,9 +130,10 @@ def main() -> None:
         for kind, dataset in (("seed", seed), ("squadtune", ours), ("shared", shared)):
             base = load_base_model({"source": str(work / "base"), "vocab_size": len(tokenizer)},
                                    quant)
-            base = prepare_for_training(base, quant, gradient_checkpointing=False)
+            base = prepare_for_training(base, gradient_checkpointing=False)
             torch.manual_seed(0)
-            model = get_peft_model(base, lora_config(LoraSettings(lora_r=32), new_ids))
+            model = get_peft_model(base, lora_config(LoraSettings(lora_r=32).peft_kwargs(),
+                                                     new_ids))
             trainer = make_trainer(kind, model, dataset, tokenizer, args.steps, args.batch_size,
                                    work, args.bf16)
             start = time.perf_counter()

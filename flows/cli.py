@@ -64,8 +64,8 @@ def _predictions(path: str) -> dict[str, str]:
 
 
 def cmd_score(args) -> int:
+    from squadtune.metrics import load_squad_metric
     from tasks.load_squad import local_path, read_file
-    from tasks.metrics import load_squad_metric
 
     rows, squad_v2 = read_file(local_path(args.dataset, "DATASET"))
     bad = [r for r in rows if r.get("_bad")]
@@ -122,7 +122,7 @@ def cmd_promote(args) -> int:
     from tasks.tracking import local_defaults
 
     local_defaults(args.state_dir)
-    from tasks import registry
+    from squadtune import registry
 
     if args.force and not (args.reason or "").strip():
         raise InputError("--force needs a --reason, which is recorded with the promotion")
@@ -139,7 +139,7 @@ def cmd_rollback(args) -> int:
     from tasks.tracking import local_defaults
 
     local_defaults(args.state_dir)
-    from tasks import registry
+    from squadtune import registry
 
     registry.check_request(args.model, args.alias)
     from flows.promote import rollback

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.train import train_on_pool
 from pipeline_config import PipelineConfig, preflight
 from tasks.base_model import prepare_base_model
 from tasks.evaluate import evaluate_adapter
@@ -13,9 +14,9 @@ from tasks.load_squad import check_overlap, load_squad
 from tasks.lora import apply_lora
 from tasks.register import register_adapter
 from tasks.report import report_run
-from tasks.stage import sweep_scratch
+from tasks.stage import Run, sweep_scratch
 from tasks.tracking import local_defaults, mlflow_run
-from tasks.train import train_adapter
+from tasks.train import TrainJob, train_adapter
 
 
 def _run_name() -> str:
@@ -37,30 +38,18 @@ def finetune(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008
     for scratch in sweep_scratch(state):
         print(f"removed {scratch}: the scratch directory of a build that died")
     with mlflow_run(config, flow_run.id, config.short_name()) as run_id:
-        squad = load_squad(config.data, state)
-        check_overlap(squad.manifest["eval_overlap"], config.data)  # a cached output too
-        tokenized = format_and_tokenize(squad, config.data, config.model, state)
-        base = prepare_base_model(config.model, tokenized, config.data.max_seq_len, state)
-        baseline = evaluate_adapter(
-            None, squad, tokenized, base, config.model, config.quantization,
-            config.evaluation, state, label="baseline",
-        )
-        lora = apply_lora(
-            base, tokenized, config.model, config.quantization, config.lora,
-            config.training.seed, state,
-        )
-        adapter = train_adapter(
-            lora, tokenized, base, config.model, config.quantization, config.training, state,
-            run_id,
-        )
-        scores = evaluate_adapter(
-            adapter, squad, tokenized, base, config.model, config.quantization,
-            config.evaluation, state,
-        )
-        registered = register_adapter(
-            adapter, scores, baseline, squad, tokenized, base, config, str(flow_run.id), state,
-            run_id,
-        )
-        return report_run(
-            run_id, config, squad, tokenized, lora, adapter, scores, baseline, registered
-        )
+        run = Run(config=config, state_dir=state, mlflow_run_id=run_id,
+                  flow_run_id=str(flow_run.id))
+        squad = load_squad(run)
+        check_overlap(squad.eval_overlap.model_dump(), config.data.eval_overlap)  # cached too
+        tokenized = format_and_tokenize(run, squad)
+        base = prepare_base_model(run, tokenized)
+        baseline = evaluate_adapter(run, tokenized, base, None)
+        lora = apply_lora(run, base, tokenized)
+        if config.training.deployment:  # a GPU work pool, through the shared state dir
+            adapter = train_on_pool(TrainJob(run=run, lora=lora, tokenized=tokenized, base=base))
+        else:
+            adapter = train_adapter(run, lora, tokenized, base)
+        scores = evaluate_adapter(run, tokenized, base, adapter)
+        registered = register_adapter(run, scores, baseline, tokenized, base)
+        return report_run(run, tokenized, scores, baseline, registered)

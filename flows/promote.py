@@ -21,8 +21,8 @@ from prefect.runtime import flow_run
 from prefect.states import Failed
 
 from pipeline_config import InputError
-from tasks import registry
-from tasks.gate import Gate, PromotionRefused
+from squadtune import registry
+from squadtune.gate import Gate, PromotionRefused
 
 LIMIT = "squadtune-registry"
 # The gate reads two predictions tables per promotion: MLflow's per-download progress bars would

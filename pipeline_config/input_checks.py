@@ -44,7 +44,7 @@ def skeleton(model: ModelConfig):
 
 
 def lora_problems(config: PipelineConfig) -> list[Problem]:
-    from tasks.modeling import matched_modules
+    from squadtune.modeling import matched_modules
 
     model = skeleton(config.model)
     if model is None:
@@ -125,7 +125,7 @@ def registry_problems(config: PipelineConfig) -> list[Problem]:
 def _data_problem(data_json: str, stamps: tuple) -> str | None:
     """Read and validate the local data files as the data stage will (cached per file state:
     the CLI and the flow both run preflight)."""
-    from tasks.squad_io import DataError, eval_overlap, read_local, validate
+    from squadtune.squad_io import DataError, eval_overlap, read_local, validate
 
     data = DataConfig.model_validate_json(data_json)
     try:

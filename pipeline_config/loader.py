@@ -12,12 +12,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from pipeline_config.schema import PipelineConfig
+from squadtune.errors import InputError
 
 CONFIG_DIR = Path(__file__).resolve().parent
-
-
-class InputError(ValueError):
-    """Bad input from the user (config, data file, request): the message says what to fix."""
 
 
 class ConfigError(InputError):

@@ -1,268 +1,49 @@
 """Typed pipeline configuration: one pydantic model per area, unknown keys rejected.
 
 Prefect renders `PipelineConfig` as the run form of a deployment, so every field carries a
-description. Cross-field checks say what to change, not only what is wrong.
+description. Cross-field checks say what to change, not only what is wrong. The data and model
+areas are in `pipeline_config.sections`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic_core import to_jsonable_python
+from pydantic import Field, model_validator
 
-Dtype = Literal["float32", "bfloat16", "float16"]
+from pipeline_config.sections import (
+    DataConfig,
+    LoraSettings,
+    ModelConfig,
+    QuantizationConfig,
+    RandomInitConfig,
+    Section,
+)
+from squadtune.hashing import stable_hash
 
-
-class Section(BaseModel):
-    """Base of every config area: unknown keys are errors, values re-validated on assignment.
-
-    Types are strict: `true` is not a number of steps, `1` is not a boolean, `"20"` is not an
-    integer (the YAML loader already reads `1e-3` as a number).
-    """
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
-
-    # Fields that never change a stage's output (fault injection, logging cadence). They are
-    # left out of cache keys so that a re-run with them changed still hits the cache.
-    not_in_cache_key: ClassVar[frozenset[str]] = frozenset()
-
-    def cache_dict(self) -> dict[str, Any]:
-        """The section as a dict, without the fields that do not change results."""
-        out: dict[str, Any] = {}
-        for name in type(self).model_fields:
-            if name in self.not_in_cache_key:
-                continue
-            value = getattr(self, name)
-            out[name] = (
-                value.cache_dict() if isinstance(value, Section) else (to_jsonable_python(value))
-            )
-        return out
-
-    def fingerprint(self) -> str:
-        return stable_hash(self.cache_dict())
-
-
-def stable_hash(obj: Any, length: int = 16) -> str:
-    """sha256 of the canonical JSON of `obj`, truncated: the building block of cache keys."""
-    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:length]
-
-
-class DataConfig(Section):
-    """Where SQuAD comes from and how it is split and cut to length."""
-
-    hub_dataset: str | None = Field(
-        "rajpurkar/squad",
-        description="Hub dataset id in the SQuAD schema; null when train_files is set.",
-    )
-    hub_revision: str | None = Field(
-        None, description="Hub dataset revision (commit sha or tag); pin it for reproducible runs."
-    )
-    train_split: str = Field("train", description="Hub split used for training.")
-    eval_split: str = Field("validation", description="Hub split used for held-out evaluation.")
-    train_files: list[str] = Field(
-        default_factory=list,
-        description="Local files used instead of the hub: SQuAD JSON/JSON.gz (v1.1 or v2.0 "
-        "layout), or Parquet/JSON Lines in the hub's flat schema.",
-    )
-    eval_files: list[str] = Field(
-        default_factory=list,
-        description="Local held-out files. Empty: train_files are split by article title.",
-    )
-    squad_v2: bool | None = Field(
-        None,
-        description="Allow unanswerable questions (no gold answer). Null: from the JSON 'version' "
-        "field or a hub id containing 'v2'; flat files count as v1.1.",
-    )
-    refusal_answer: str = Field(
-        "I specialize only in content related queries",
-        min_length=1,
-        description="What the model is trained to answer to an unanswerable (v2.0) question.",
-    )
-    heldout_fraction: float = Field(
-        0.1,
-        gt=0,
-        lt=1,
-        description="Share of articles held out for evaluation when only train_files are given.",
-    )
-    max_train_samples: int | None = Field(
-        None, gt=0, description="Cap on training questions (after validation); null for all."
-    )
-    max_seq_len: int = Field(
-        512,
-        ge=64,
-        description="Longest tokenized example; the context is cut to fit, never the answer.",
-    )
-    max_bad_fraction: float = Field(
-        0.01,
-        ge=0,
-        le=1,
-        description="The data stage fails when more than this share of records is malformed.",
-    )
-    seed: int = Field(42, description="Seed of the article split and of max_train_samples.")
-    num_proc: int | None = Field(
-        None,
-        ge=1,
-        description="Tokenizer processes; null picks by data size (1 below 20,000 examples).",
-    )
-    eval_overlap: Literal["refuse", "allow"] = Field(
-        "refuse",
-        description="Held-out questions that are also training questions (same id, or same "
-        "context and question) are counted and reported; 'refuse' stops the run when there are "
-        "any, 'allow' is for evaluating on the training set on purpose (a memorisation check).",
-    )
-
-    # eval_overlap decides whether a run may go on, not what the data stage writes.
-    not_in_cache_key = frozenset({"num_proc", "eval_overlap"})
-
-    @model_validator(mode="after")
-    def _one_source(self) -> DataConfig:
-        if self.hub_dataset and self.train_files:
-            raise ValueError(
-                "data.hub_dataset and data.train_files are both set; keep one "
-                "(set data.hub_dataset=null to train on local files)"
-            )
-        if not self.hub_dataset and not self.train_files:
-            raise ValueError("no data source: set data.hub_dataset or data.train_files")
-        if self.eval_files and not self.train_files:
-            raise ValueError("data.eval_files needs data.train_files (local files on both sides)")
-        return self
-
-
-class RandomInitConfig(Section):
-    """Shape of a GPT-2 built from `GPT2Config` with random weights (tests and offline demos)."""
-
-    n_layer: int = Field(4, ge=1, description="Transformer blocks.")
-    n_head: int = Field(4, ge=1, description="Attention heads per block.")
-    n_embd: int = Field(256, ge=8, description="Hidden width; a multiple of n_head.")
-    n_positions: int = Field(1024, ge=64, description="Context window in tokens.")
-    seed: int = Field(0, description="Seed of the random weights.")
-    logit_cap: float = Field(
-        40.0,
-        gt=0,
-        description="Largest logit (nats) the LM head can reach at initialisation, set through "
-        "the final layer norm's gain. GPT2Config's defaults cap it near 5, so no answer token "
-        "can win a softmax over 50,257 tokens; a pretrained GPT-2 spans tens of nats.",
-    )
-    attention_logit_std: float = Field(
-        1.0,
-        gt=0,
-        description="Spread of the attention scores at initialisation, set through each block's "
-        "first layer norm gain. GPT2Config's defaults give ~0.05 (uniform attention: every "
-        "position sees the mean of the prompt, and questions about one context look alike); a "
-        "trained model's attention is peaked.",
-    )
-
-    @model_validator(mode="after")
-    def _heads_divide(self) -> RandomInitConfig:
-        if self.n_embd % self.n_head:
-            raise ValueError(
-                f"model.random_init.n_embd={self.n_embd} is not a multiple of "
-                f"n_head={self.n_head}; pick n_embd divisible by n_head"
-            )
-        return self
-
-
-class ModelConfig(Section):
-    """The base causal language model and its tokenizer."""
-
-    name_or_path: str | None = Field(
-        "openai-community/gpt2",
-        description="Hub id or local directory of a pretrained causal LM. Null with random_init.",
-    )
-    revision: str | None = Field(None, description="Hub revision of the base model.")
-    tokenizer: str | None = Field(
-        None, description="Hub id or local directory of the tokenizer; defaults to name_or_path."
-    )
-    random_init: RandomInitConfig | None = Field(
-        None, description="Build a GPT-2 with random weights instead of loading one."
-    )
-    torch_dtype: Dtype = Field(
-        "float32", description="dtype of the non-quantized weights when loading the base model."
-    )
-
-    @model_validator(mode="after")
-    def _one_base(self) -> ModelConfig:
-        if self.random_init is not None and self.name_or_path:
-            raise ValueError(
-                "model.name_or_path and model.random_init are both set; set "
-                "model.name_or_path=null to build a random GPT-2, or drop random_init"
-            )
-        if self.random_init is None and not self.name_or_path:
-            raise ValueError("no base model: set model.name_or_path or model.random_init")
-        if self.random_init is not None and not self.tokenizer:
-            raise ValueError("model.random_init needs model.tokenizer (a local tokenizer folder)")
-        return self
-
-    @property
-    def tokenizer_source(self) -> str:
-        return self.tokenizer or self.name_or_path  # type: ignore[return-value]
-
-    @property
-    def max_positions(self) -> int | None:
-        return self.random_init.n_positions if self.random_init else None
-
-
-class QuantizationConfig(Section):
-    """bitsandbytes loading of the frozen base weights (QLoRA)."""
-
-    load_in_4bit: bool = Field(
-        False, description="Quantize the base model's linear layers to 4 bit."
-    )
-    load_in_8bit: bool = Field(
-        False, description="Quantize the base model's linear layers to 8 bit."
-    )
-    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
-    bnb_4bit_compute_dtype: Dtype = Field(
-        "float16", description="dtype of the matmuls on dequantized 4-bit weights."
-    )
-    bnb_4bit_use_double_quant: bool = Field(
-        False, description="Quantize the quantization constants too (saves ~0.4 bit/param)."
-    )
-
-    @model_validator(mode="after")
-    def _one_width(self) -> QuantizationConfig:
-        if self.load_in_4bit and self.load_in_8bit:
-            raise ValueError(
-                "quantization.load_in_4bit and quantization.load_in_8bit are both true; pick one"
-            )
-        return self
-
-    @property
-    def enabled(self) -> bool:
-        return self.load_in_4bit or self.load_in_8bit
-
-
-class LoraSettings(Section):
-    """PEFT LoRA adapter, spelled as `peft.LoraConfig` spells it."""
-
-    lora_r: int = Field(32, ge=1, description="Rank of the update matrices.")
-    lora_alpha: int = Field(32, ge=1, description="Scale numerator: the update is scaled alpha/r.")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["attn.c_attn", "attn.c_proj"],
-        min_length=1,
-        description="Module name suffixes to adapt. `attn.c_proj` matches only the attention "
-        "projection; a bare `c_proj` matches the MLP's too.",
-    )
-    fan_in_fan_out: bool = Field(
-        True, description="True for GPT-2, whose projections are Conv1D (weights stored in x out)."
-    )
-    train_new_tokens: bool = Field(
-        True,
-        description="Train the embedding rows of the added chat tokens (kept tied to the LM head).",
-    )
+__all__ = [
+    "DataConfig", "EvaluationConfig", "LoraSettings", "ModelConfig", "PipelineConfig",
+    "QuantizationConfig", "RandomInitConfig", "RegistryConfig", "Section", "TrackingConfig",
+    "TrainingConfig", "stable_hash",
+]
 
 
 class TrainingConfig(Section):
-    """`transformers.Trainer` settings, named as `TrainingArguments` names them."""
+    """`transformers.Trainer` settings, named as `TrainingArguments` names them: every field
+    but the launch-only ones is passed to it as it is, so a new Trainer knob is one field."""
 
     not_in_cache_key = frozenset({"fail_after_step", "logging_steps", "deployment",
                                   "torchrun_args"})
+    # Where and how training is launched (and a testing aid): not `TrainingArguments`.
+    launch_only: ClassVar[frozenset[str]] = frozenset(
+        {"nproc_per_node", "torchrun_args", "deployment", "fail_after_step"}
+    )
+    # How this pipeline shapes the data it gives the Trainer: not `TrainingArguments` either.
+    data_shaping: ClassVar[frozenset[str]] = frozenset({"share_context"})
+
+    def trainer_kwargs(self) -> dict[str, Any]:
+        """The `TrainingArguments` keyword arguments this section sets."""
+        return self.model_dump(exclude=set(self.launch_only | self.data_shaping))
 
     max_steps: int = Field(10_000, ge=1, description="Optimizer steps.")
     per_device_train_batch_size: int = Field(16, ge=1, description="Examples per device per step.")
@@ -282,8 +63,10 @@ class TrainingConfig(Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
     bf16: bool = Field(False, description="bfloat16 mixed precision.")
     fp16: bool = Field(False, description="float16 mixed precision (CUDA only).")
-    group_by_length: bool = Field(
-        True, description="Batch examples of similar length to waste no padding."
+    train_sampling_strategy: Literal["group_by_length", "random", "sequential"] = Field(
+        "group_by_length",
+        description="Order of training examples: group_by_length batches examples of similar "
+        "length (little padding), in an order drawn anew each epoch from the seed.",
     )
     logging_steps: int = Field(10, ge=1, description="Log loss and learning rate every N steps.")
     save_steps: int = Field(1000, ge=1, description="Checkpoint every N steps.")
@@ -306,6 +89,13 @@ class TrainingConfig(Section):
         None,
         description="Run training as this Prefect deployment ('train/<name>', on a GPU work "
         "pool) instead of in the flow's own process; the state dir must be shared storage.",
+    )
+    share_context: bool = Field(
+        False,
+        description="Train the questions of one paragraph in one sequence: the context once, "
+        "each question and answer a branch that sees the context and itself only (a block "
+        "attention mask; each example's loss is its unshared loss). A batch then counts packed "
+        "sequences of about five examples each, up to twice data.max_seq_len tokens long.",
     )
     seed: int = Field(42, description="Seed of LoRA init, shuffling and dropout.")
     fail_after_step: int | None = Field(
@@ -340,6 +130,16 @@ class EvaluationConfig(Section):
     )
     max_new_tokens: int = Field(32, ge=1, description="Longest generated answer in tokens.")
     batch_size: int = Field(16, ge=1, description="Prompts generated together.")
+    during_training: int | None = Field(
+        None,
+        ge=1,
+        description="Answer this many held-out questions (the first N) at every "
+        "training.eval_steps step, before the first step too, and log eval/exact_match and "
+        "eval/f1 against the step: the F1 curve beside the loss curve. Null: none.",
+    )
+
+    # What training logs along the way, not what the evaluation stage computes.
+    not_in_cache_key = frozenset({"during_training"})
 
 
 class RegistryConfig(Section):
@@ -406,6 +206,11 @@ class PipelineConfig(Section):
             raise ValueError(
                 "training.fp16 with bnb_4bit_compute_dtype=bfloat16 mixes half types; "
                 "use training.bf16 or compute dtype float16"
+            )
+        if self.evaluation.during_training and not self.training.eval_steps:
+            raise ValueError(
+                "evaluation.during_training needs training.eval_steps: set how often to answer "
+                "the held-out questions (e.g. training.eval_steps=50)"
             )
         return self
 

@@ -1,1 +1,2 @@
-"""Pipeline stages: one module each, a thin Prefect task over plain functions."""
+"""The Prefect stages of the pipeline, one module each (see `tasks.stage` for their one shape),
+over the Prefect-free core in `squadtune`."""

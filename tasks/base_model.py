@@ -5,14 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-
 from pipeline_config import ModelConfig
 from pipeline_config.checks import looks_local
-from tasks.stage import Stage, StageOutput
-
-# v2: the random GPT-2 has a realistic logit scale and attention spread (layer norm gains).
-STAGE = Stage("base_model", version="2")
+from tasks.outputs import BaseWeights, Tokenized
+from tasks.stage import Run, stage
 
 
 def build_random_gpt2(model: ModelConfig, vocab_size: int, out: Path) -> None:
@@ -76,10 +72,16 @@ def describe_pretrained(model: ModelConfig) -> dict[str, Any]:
     }
 
 
-def build(model: ModelConfig, tokenized: StageOutput, max_seq_len: int, out: Path) -> dict:
-    vocab_size = tokenized.manifest["vocab_size"]
+@stage(
+    "base_model", version="3", reads=("model",),
+    # The base depends on the tokenizer's size only, not on which data was tokenized.
+    keyed=(), identity=lambda run, tokenized: tokenized.vocab_size,
+)
+def prepare_base_model(run: Run, tokenized: Tokenized, out: Path) -> BaseWeights:
+    """Resolve the base model (hub id, local folder, or a saved random-init GPT-2)."""
+    model, max_seq_len = run.config.model, tokenized.max_seq_len
     if model.random_init is not None:
-        build_random_gpt2(model, vocab_size, out)
+        build_random_gpt2(model, tokenized.vocab_size, out)
         # Stored relative to the stage directory, which is renamed into place when done.
         source, info = "model", {"model_type": "gpt2", "n_positions": model.random_init.n_positions}
     else:
@@ -91,32 +93,11 @@ def build(model: ModelConfig, tokenized: StageOutput, max_seq_len: int, out: Pat
             f"data.max_seq_len={max_seq_len} exceeds the context window of {source} "
             f"({info['n_positions']} tokens); lower data.max_seq_len"
         )
-    return {
-        "source": source,
-        "revision": model.revision,
-        "vocab_size": vocab_size,
-        "pad_token_id": tokenized.manifest["pad_token_id"],
-        "bundled": model.random_init is not None,
+    return BaseWeights(
+        source=source,
+        revision=model.revision,
+        vocab_size=tokenized.vocab_size,
+        pad_token_id=tokenized.pad_token_id,
+        bundled=model.random_init is not None,
         **info,
-    }
-
-
-def stage_key(model: ModelConfig, tokenized: StageOutput, **_: Any) -> str:
-    return STAGE.key(model.cache_dict(), tokenized.manifest["vocab_size"])
-
-
-@task(
-    name="prepare_base_model",
-    cache_key_fn=STAGE.cache_key_fn(stage_key),
-    persist_result=True,
-    result_serializer="json",
-)
-def prepare_base_model(
-    model: ModelConfig, tokenized: StageOutput, max_seq_len: int, state_dir: str
-) -> StageOutput:
-    """Resolve the base model (hub id, local folder, or a saved random-init GPT-2)."""
-    key = stage_key(model, tokenized)
-    return STAGE.build(state_dir, key, lambda out: build(model, tokenized, max_seq_len, out))
-
-
-
+    )

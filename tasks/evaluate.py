@@ -10,40 +10,24 @@ import json
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from pipeline_config import EvaluationConfig
+from squadtune.hashing import stable_hash
+from squadtune.metrics import score
+from squadtune.modeling import Generation, generate_answers, load_for_inference
+from tasks.outputs import Adapter, BaseWeights, EvalResult, SquadData, Tokenized
+from tasks.stage import Run, stage
 
-from pipeline_config import EvaluationConfig, ModelConfig, QuantizationConfig, stable_hash
-from tasks.modeling import base_spec, generate_answers, load_for_inference
-from tasks.stage import Stage, StageOutput, upstream_keys
-
-# Shared-prefix generation equals plain batched generation by test, not by construction: results
-# of the plain path are not reused as if they were its output.
-STAGE = Stage("eval", version="4", required=("predictions.jsonl", "metrics.json"))
 # Gold answer length in words (the shortest gold answer), as in SQuAD error analyses.
 BUCKETS = ((1, 1, "1 word"), (2, 3, "2-3 words"), (4, 6, "4-6 words"), (7, 10**9, "7+ words"))
 
 
-def eval_questions(squad: StageOutput, cfg: EvaluationConfig):
+def eval_questions(squad: SquadData, cfg: EvaluationConfig):
     from datasets import load_from_disk
 
-    ds = load_from_disk(str(squad.dir / "eval"))
+    ds = load_from_disk(str(squad.split_dir("eval")))
     if cfg.max_samples is not None:
         ds = ds.select(range(min(cfg.max_samples, len(ds))))
     return ds
-
-
-def score(ids: list[str], golds: list[dict], answers: list[str], refusal: str) -> dict[str, Any]:
-    """SQuAD EM/F1 overall and per question with the official normalization; v2.0 rules (and
-    the refusal read as "no answer") when any question is unanswerable."""
-    from tasks.metrics import load_squad_metric
-
-    return load_squad_metric().compute(
-        predictions=[{"id": i, "prediction_text": a} for i, a in zip(ids, answers, strict=True)],
-        references=[{"id": i, "answers": g} for i, g in zip(ids, golds, strict=True)],
-        squad_v2=any(not g["text"] for g in golds),
-        no_answer_texts=[refusal],
-        per_example=True,
-    )
 
 
 def eval_set_hash(questions) -> str:
@@ -75,39 +59,40 @@ def by_bucket(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     }
 
 
-def build(
-    adapter: StageOutput | None,
-    squad: StageOutput,
-    tokenized: StageOutput,
-    base: StageOutput,
-    model_cfg: ModelConfig,
-    quantization: QuantizationConfig,
-    cfg: EvaluationConfig,
-    out: Path,
-) -> dict[str, Any]:
+def task_run_name() -> str:
+    from prefect.runtime import task_run
+
+    return "evaluate_baseline" if task_run.parameters.get("adapter") is None else "evaluate_adapter"
+
+
+# Shared-prefix generation equals plain batched generation by test, not by construction: results
+# of the plain path are not reused as if they were its output (v4). v5: typed outputs.
+@stage(
+    "eval", version="5", reads=("quantization", "evaluation"),
+    required=("predictions.jsonl", "metrics.json"), task={"task_run_name": task_run_name},
+)
+def evaluate_adapter(
+    run: Run, tokenized: Tokenized, base: BaseWeights, adapter: Adapter | None, out: Path
+) -> EvalResult:
+    """Generate answers to held-out questions and score them with SQuAD EM/F1."""
     from transformers import AutoTokenizer
 
-    questions = eval_questions(squad, cfg)
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenized.dir / "tokenizer"))
+    cfg, config = run.config.evaluation, run.config
+    questions = eval_questions(tokenized.squad, cfg)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenized.tokenizer_dir))
     model = load_for_inference(
-        base_spec(base),
-        adapter.dir / "adapter" if adapter else None,
-        quantization,
-        model_cfg.torch_dtype,
+        base.spec(),
+        adapter.adapter_dir if adapter else None,
+        config.quantization,
+        config.model.torch_dtype,
     )
+    # Shared prefix: each paragraph's context computed once for all its questions.
+    generation = Generation(cfg.max_new_tokens, cfg.batch_size, tokenized.max_seq_len)
     answers = generate_answers(
-        model,
-        tokenizer,
-        questions["context"],
-        questions["question"],
-        max_new_tokens=cfg.max_new_tokens,
-        batch_size=cfg.batch_size,
-        max_prompt_tokens=tokenized.manifest["max_seq_len"],
-        progress=True,
-        shared_prefix=True,  # each paragraph's context computed once for all its questions
+        model, tokenizer, questions["context"], questions["question"], generation, progress=True
     )
     golds = list(questions["answers"])
-    scores = score(questions["id"], golds, answers, tokenized.manifest["refusal_answer"])
+    scores = score(questions["id"], golds, answers, tokenized.refusal_answer)
     per = scores.pop("per_example")
     records = [
         {
@@ -133,52 +118,10 @@ def build(
         f"{label} on {len(records)} questions: EM {scores['exact_match']:.2f} "
         f"F1 {scores['f1']:.2f}"
     )
-    return {
-        "metrics": scores,
-        "questions": len(records),
-        "with_adapter": adapter is not None,
-        "eval_set_hash": eval_set_hash(questions),
-        "generation": "greedy, shared prefix",
-    }
-
-
-def stage_key(
-    adapter: StageOutput | None,
-    squad: StageOutput,
-    tokenized: StageOutput,
-    base: StageOutput,
-    quantization: QuantizationConfig,
-    evaluation: EvaluationConfig,
-    **_: Any,
-) -> str:
-    parts = [o for o in (adapter, squad, tokenized, base) if o is not None]
-    return STAGE.key(upstream_keys(*parts), quantization.cache_dict(), evaluation.cache_dict())
-
-
-@task(
-    name="evaluate",
-    task_run_name="evaluate_{label}",
-    cache_key_fn=STAGE.cache_key_fn(stage_key),
-    persist_result=True,
-    result_serializer="json",
-)
-def evaluate_adapter(
-    adapter: StageOutput | None,
-    squad: StageOutput,
-    tokenized: StageOutput,
-    base: StageOutput,
-    model_cfg: ModelConfig,
-    quantization: QuantizationConfig,
-    evaluation: EvaluationConfig,
-    state_dir: str,
-    label: str = "adapter",
-) -> StageOutput:
-    """Generate answers to held-out questions and score them with SQuAD EM/F1."""
-    key = stage_key(adapter, squad, tokenized, base, quantization, evaluation)
-    return STAGE.build(
-        state_dir,
-        key,
-        lambda out: build(
-            adapter, squad, tokenized, base, model_cfg, quantization, evaluation, out
-        ),
+    return EvalResult(
+        adapter=adapter,
+        metrics=scores,
+        questions=len(records),
+        eval_set_hash=eval_set_hash(questions),
+        generation="greedy, shared prefix",
     )

@@ -10,14 +10,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from prefect import task
 
 from pipeline_config import DataConfig, ModelConfig
-from tasks.chat_format import END, ChatEncoder, add_chat_tokens, format_fingerprint
-from tasks.load_squad import sha256_file
-from tasks.stage import Stage, StageOutput, upstream_keys
-
-STAGE = Stage("tokenized", version="2", required=("train", "eval", "tokenizer"))
+from squadtune.chat_format import END, ChatEncoder, add_chat_tokens, format_fingerprint
+from squadtune.hashing import sha256_file
+from tasks.outputs import SquadData, Tokenized
+from tasks.stage import Run, stage
 
 
 def load_tokenizer(source: str, revision: str | None = None):
@@ -145,30 +143,6 @@ def tokenize_split(dataset, tokenizer, data: DataConfig, drop: bool):
     return Dataset(table), stats
 
 
-def build(squad: StageOutput, data: DataConfig, model: ModelConfig, out: Path) -> dict[str, Any]:
-    from datasets import load_from_disk
-
-    tokenizer, new_ids = chat_tokenizer(model)
-    tokenizer.save_pretrained(str(out / "tokenizer"))
-    stats = {}
-    for split in ("train", "eval"):
-        ds = load_from_disk(str(squad.dir / split))
-        # Held-out examples are all kept: evaluation answers every one of them.
-        mapped, stats[split] = tokenize_split(ds, tokenizer, data, drop=split == "train")
-        mapped.save_to_disk(str(out / split))
-    return {
-        "new_token_ids": new_ids,
-        "vocab_size": len(tokenizer),
-        "stop_token_id": tokenizer.convert_tokens_to_ids(END),
-        "pad_token_id": tokenizer.pad_token_id,
-        "max_seq_len": data.max_seq_len,
-        "refusal_answer": data.refusal_answer,
-        "format_fingerprint": format_fingerprint(),
-        "tokenizer": tokenizer_identity(model),
-        "splits": stats,
-    }
-
-
 def tokenizer_identity(model: ModelConfig) -> dict[str, Any]:
     """A local tokenizer by the sha256 of its files; a hub one by id and revision."""
     path = Path(model.tokenizer_source).expanduser()
@@ -177,28 +151,34 @@ def tokenizer_identity(model: ModelConfig) -> dict[str, Any]:
     return {"hub": model.tokenizer_source, "revision": model.revision}
 
 
-def stage_key(squad: StageOutput, data: DataConfig, model: ModelConfig, **_: Any) -> str:
-    return STAGE.key(
-        upstream_keys(squad),
-        data.max_seq_len,
-        data.refusal_answer,
-        tokenizer_identity(model),
-        format_fingerprint(),
-    )
-
-
-# log_prints=False: `datasets` fingerprints through dill, which disassembles functions with `dis`
-# and captures the printout itself; a flow's log_prints would turn each line into a Prefect log.
-@task(
-    name="format_and_tokenize",
-    log_prints=False,
-    cache_key_fn=STAGE.cache_key_fn(stage_key),
-    persist_result=True,
-    result_serializer="json",
+@stage(
+    "tokenized", version="3", reads=("data.max_seq_len", "data.refusal_answer"),
+    identity=lambda run, squad: [tokenizer_identity(run.config.model), format_fingerprint()],
+    required=("train", "eval", "tokenizer"),
+    task={"log_prints": False},  # as load_squad: datasets' dill output is not a log
 )
-def format_and_tokenize(
-    squad: StageOutput, data: DataConfig, model: ModelConfig, state_dir: str
-) -> StageOutput:
+def format_and_tokenize(run: Run, squad: SquadData, out: Path) -> Tokenized:
     """Render the chat format, tokenize with answer-only labels, save Arrow and the tokenizer."""
-    key = stage_key(squad, data, model)
-    return STAGE.build(state_dir, key, lambda out: build(squad, data, model, out))
+    from datasets import load_from_disk
+
+    data, model = run.config.data, run.config.model
+    tokenizer, new_ids = chat_tokenizer(model)
+    tokenizer.save_pretrained(str(out / "tokenizer"))
+    stats = {}
+    for split in ("train", "eval"):
+        ds = load_from_disk(str(squad.split_dir(split)))
+        # Held-out examples are all kept: evaluation answers every one of them.
+        mapped, stats[split] = tokenize_split(ds, tokenizer, data, drop=split == "train")
+        mapped.save_to_disk(str(out / split))
+    return Tokenized(
+        squad=squad,
+        new_token_ids=new_ids,
+        vocab_size=len(tokenizer),
+        stop_token_id=tokenizer.convert_tokens_to_ids(END),
+        pad_token_id=tokenizer.pad_token_id,
+        max_seq_len=data.max_seq_len,
+        refusal_answer=data.refusal_answer,
+        format_fingerprint=format_fingerprint(),
+        tokenizer=tokenizer_identity(model),
+        splits=stats,
+    )

@@ -15,10 +15,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-
 from pipeline_config import DataConfig
-from tasks.squad_io import (  # noqa: F401 - the data stage's readers, re-exported
+from squadtune.squad_io import (  # noqa: F401 - the data stage's readers, re-exported
     COLUMNS,
     DataError,
     _flat_record,
@@ -32,9 +30,10 @@ from tasks.squad_io import (  # noqa: F401 - the data stage's readers, re-export
     split_by_article,
     validate,
 )
-from tasks.stage import Stage, StageOutput, write_json
+from tasks.manifest import StageOutput, write_json
+from tasks.outputs import SquadData
+from tasks.stage import Run, stage
 
-STAGE = Stage("squad", version="2", required=("train", "eval", "rejected.jsonl"))
 log = logging.getLogger(__name__)
 
 
@@ -87,24 +86,31 @@ def read_hub(cfg: DataConfig, split: str, revision: str | None) -> list[dict[str
     return [_flat_record(r) for r in ds.select_columns(list(COLUMNS))]
 
 
-def build(cfg: DataConfig, out: Path, identity: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Read, validate, split and save both splits as Arrow; returns the manifest.
+@stage(
+    "squad", version="3", reads=("data",),
+    # Fields only tokenization reads, and whether a run may go on: not what this stage writes.
+    ignores=("data.max_seq_len", "data.refusal_answer"),
+    identity=lambda run: source_identity(run.config.data),  # file hashes or a hub lookup: once
+    required=("train", "eval", "rejected.jsonl"),
+    # log_prints off: `datasets` fingerprints through dill, which disassembles functions with
+    # `dis` and captures the printout itself; log_prints would turn each line into a log.
+    task={"log_prints": False},
+)
+def load_squad(run: Run, identity: dict[str, Any], out: Path) -> SquadData:
+    """Read SQuAD (hub or local files), validate every record, save train/eval splits as Arrow.
 
-    `identity` is the source identity the caller keyed the stage on (computed when not given):
-    the hub revision is read once, so the data read is the data the key names.
-    """
-    identity = identity or source_identity(cfg)
+    `identity` is what the key names (file hashes, or the hub revision): the data read is it."""
     from datasets import Dataset
 
+    cfg = run.config.data
     split_info: dict[str, Any] = {}
     if cfg.train_files:
         train, v2 = read_local(cfg.train_files, "data.train_files")
         held, eval_v2 = read_local(cfg.eval_files, "data.eval_files")
         v2 = v2 or eval_v2
     else:
-        revision = identity["hub_revision"]
-        train = read_hub(cfg, cfg.train_split, revision)
-        held = read_hub(cfg, cfg.eval_split, revision)
+        train = read_hub(cfg, cfg.train_split, identity["hub_revision"])
+        held = read_hub(cfg, cfg.eval_split, identity["hub_revision"])
         v2 = "v2" in (cfg.hub_dataset or "").lower()
     squad_v2 = v2 if cfg.squad_v2 is None else cfg.squad_v2
     train, bad_train = validate(train, "train", squad_v2, cfg.max_bad_fraction)
@@ -121,54 +127,31 @@ def build(cfg: DataConfig, out: Path, identity: dict[str, Any] | None = None) ->
         keep = sorted(random.Random(cfg.seed).sample(range(len(train)), cfg.max_train_samples))
         train = [train[i] for i in keep]
     overlap = eval_overlap(train, held)
-    check_overlap(overlap, cfg)
+    check_overlap(overlap, cfg.eval_overlap)
     rejected = bad_train + bad_eval
     with open(out / "rejected.jsonl", "w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in rejected)
     for name, rows in (("train", train), ("eval", held)):
         Dataset.from_list(rows, features=features()).save_to_disk(str(out / name))
-    summary = {
-        "source": identity,
-        "squad_v2": squad_v2,
-        "split": split_info,
-        "counts": {"train": len(train), "eval": len(held)},
-        "unanswerable": {
+    summary = SquadData(
+        source=identity,
+        squad_v2=squad_v2,
+        split=split_info,
+        counts={"train": len(train), "eval": len(held)},
+        unanswerable={
             "train": sum(not r["answers"]["text"] for r in train),
             "eval": sum(not r["answers"]["text"] for r in held),
         },
-        "articles": {
+        articles={
             "train": len({r["title"] for r in train}),
             "eval": len({r["title"] for r in held}),
         },
-        "rejected": {"train": len(bad_train), "eval": len(bad_eval)},
-        "eval_overlap": overlap,
-        "rejected_reasons": dict(Counter(reason_kind(r["reason"]) for r in rejected)),
-    }
-    write_json(out / "data_manifest.json", summary)
+        rejected={"train": len(bad_train), "eval": len(bad_eval)},
+        eval_overlap=overlap,
+        rejected_reasons=dict(Counter(reason_kind(r["reason"]) for r in rejected)),
+    )
+    own = summary.model_dump(exclude=set(StageOutput.model_fields))
+    write_json(out / "data_manifest.json", own)
     if rejected:
         log.warning("%d malformed records rejected, see %s", len(rejected), out / "rejected.jsonl")
     return summary
-
-
-# Data fields only tokenization reads: changing them must not re-read and re-split the data.
-TOKENIZATION_ONLY = ("max_seq_len", "refusal_answer")
-
-
-def stage_key(data: DataConfig, identity: dict[str, Any] | None = None, **_: Any) -> str:
-    fields = {k: v for k, v in data.cache_dict().items() if k not in TOKENIZATION_ONLY}
-    return STAGE.key(fields, identity or source_identity(data))
-
-
-# log_prints=False: `datasets` fingerprints through dill, which disassembles functions with `dis`
-# and captures the printout itself; a flow's log_prints would turn each line into a Prefect log.
-@task(
-    name="load_squad",
-    log_prints=False,
-    cache_key_fn=STAGE.cache_key_fn(stage_key),
-    persist_result=True,
-    result_serializer="json",
-)
-def load_squad(data: DataConfig, state_dir: str) -> StageOutput:
-    """Read SQuAD (hub or local files), validate every record, save train/eval splits as Arrow."""
-    identity = source_identity(data)  # file hashes, or a hub lookup: once per run
-    return STAGE.build(state_dir, stage_key(data, identity), lambda out: build(data, out, identity))

@@ -7,25 +7,15 @@ import shutil
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
 
-from prefect import task
-
-from pipeline_config import (
-    EvaluationConfig,
-    ModelConfig,
-    PipelineConfig,
-    QuantizationConfig,
-    stable_hash,
-)
-from tasks.modeling import base_spec
-from tasks.stage import Stage, StageOutput, upstream_keys
+from pipeline_config import EvaluationConfig
+from tasks.outputs import Adapter, BaseWeights, EvalResult, Registration, Tokenized
+from tasks.stage import Run, stage
 from tasks.tracking import git_commit
 
-STAGE = Stage("register", version="2")  # 2: MLflow 3 logged model, lean code
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-QA_MODEL_CODE = Path(__file__).resolve().parent / "qa_model.py"
-SERVING_PACKAGES_LOCAL = ("tasks", "pipeline_config")  # our packages the served model may import
+QA_MODEL_CODE = PACKAGE_ROOT / "squadtune" / "qa_model.py"
+SERVING_PACKAGES_LOCAL = ("squadtune",)  # the core: all the served model may import of ours
 SERVING_PACKAGES = (
     "mlflow", "torch", "transformers", "peft", "accelerate", "safetensors", "pandas",
     "pydantic", "pyyaml", "tqdm",
@@ -61,7 +51,7 @@ def signature(evaluation: EvaluationConfig):
 
 def serving_modules(entry: Path = QA_MODEL_CODE) -> list[str]:
     """The project modules the served model imports, found by following `entry`'s imports
-    (also those inside functions) through `tasks` and `pipeline_config`, and nothing else."""
+    (also those inside functions) through the `squadtune` core, and nothing else."""
     import ast
 
     found, todo = set(), [entry]
@@ -97,31 +87,24 @@ def stage_code(out: Path) -> list[str]:
     return [str(code / package) for package in sorted(p.name for p in code.iterdir())]
 
 
-def model_files(
-    adapter: StageOutput,
-    tokenized: StageOutput,
-    base: StageOutput,
-    model_cfg: ModelConfig,
-    quantization: QuantizationConfig,
-    evaluation: EvaluationConfig,
-    out: Path,
-) -> dict[str, str]:
+def model_files(run: Run, tokenized: Tokenized, base: BaseWeights, adapter: Adapter,
+                out: Path) -> dict[str, str]:
     """The model's artifacts (adapter, tokenizer, settings, a local base model) by name."""
-    spec = base_spec(base)
+    spec, config = base.spec(), run.config
     settings = {
-        "base": {k: spec.get(k) for k in ("source", "revision", "vocab_size", "pad_token_id")},
-        "quantization": quantization.model_dump(mode="json"),
-        "torch_dtype": model_cfg.torch_dtype,
+        "base": spec,
+        "quantization": config.quantization.model_dump(mode="json"),
+        "torch_dtype": config.model.torch_dtype,
         "generation": {
-            "max_new_tokens": evaluation.max_new_tokens,
-            "batch_size": evaluation.batch_size,
-            "max_prompt_tokens": tokenized.manifest["max_seq_len"],
+            "max_new_tokens": config.evaluation.max_new_tokens,
+            "batch_size": config.evaluation.batch_size,
+            "max_prompt_tokens": tokenized.max_seq_len,
         },
     }
     (out / "settings.json").write_text(json.dumps(settings, indent=2))
     artifacts = {
-        "adapter": str(adapter.dir / "adapter"),
-        "tokenizer": str(tokenized.dir / "tokenizer"),
+        "adapter": str(adapter.adapter_dir),
+        "tokenizer": str(tokenized.tokenizer_dir),
         "settings": str(out / "settings.json"),
     }
     if Path(spec["source"]).is_dir():
@@ -129,14 +112,13 @@ def model_files(
     return artifacts
 
 
-def log_and_register(
-    artifacts: dict[str, str], out: Path, config: PipelineConfig, run_id: str,
-    tags: dict[str, str],
-) -> dict:
+def log_and_register(run: Run, artifacts: dict[str, str], out: Path,
+                     tags: dict[str, str]) -> Registration:
     """Log the pyfunc as an MLflow 3 logged model of the run, then register that logged model
     (its `models:/m-...` source lets the registry UI read the schema from any artifact store)."""
     import mlflow
 
+    config, run_id = run.config, run.mlflow_run_id
     client = mlflow.MlflowClient()
     name = config.registry.model_name
     try:
@@ -161,59 +143,52 @@ def log_and_register(
     mv = mlflow.register_model(info.model_uri, name, tags=tags)
     client.update_model_version(name, mv.version, description=description(tags))
     client.set_registered_model_alias(name, config.registry.alias, mv.version)
-    return {
-        "model_name": name,
-        "version": int(mv.version),
-        "alias": config.registry.alias,
-        "model_uri": f"models:/{name}/{mv.version}",
-        "logged_model_uri": info.model_uri,
-        "run_id": run_id,
-    }
+    return Registration(
+        model_name=name,
+        version=int(mv.version),
+        alias=config.registry.alias,
+        model_uri=f"models:/{name}/{mv.version}",
+        logged_model_uri=info.model_uri,
+        run_id=run_id,
+        adapter_key=tags["squadtune.adapter_key"],
+    )
 
 
-def version_exists(done: StageOutput) -> bool:
-    """A cached registration counts only if the registry still holds that version."""
+def version_exists(done: Registration) -> str | None:
+    """A cached registration counts only while the registry still holds that version."""
     import mlflow
 
-    m = done.manifest
     try:
-        mv = mlflow.MlflowClient().get_model_version(m["model_name"], str(m["version"]))
+        mv = mlflow.MlflowClient().get_model_version(done.model_name, str(done.version))
     except Exception:
-        return False
-    return mv.tags.get("squadtune.adapter_key") == m.get("adapter_key")
+        return f"{done.model_name} version {done.version} is gone from the registry"
+    if mv.tags.get("squadtune.adapter_key") != done.adapter_key:
+        return f"{done.model_name} version {done.version} holds another adapter"
+    return None
 
 
-def lineage_tags(
-    config: PipelineConfig,
-    squad: StageOutput,
-    base: StageOutput,
-    adapter: StageOutput,
-    evaluation: StageOutput,
-    baseline: StageOutput,
-    flow_run_id: str,
-    run_id: str,
-) -> dict[str, str]:
+def lineage_tags(run: Run, scores: EvalResult, baseline: EvalResult, tokenized: Tokenized,
+                 base: BaseWeights) -> dict[str, str]:
     """Where a version came from and how it scored: enough to reproduce and to compare it."""
-    ours, theirs = evaluation.manifest["metrics"], baseline.manifest["metrics"]
-    model = config.model
+    ours, theirs = scores.metrics, baseline.metrics
+    model, adapter = run.config.model, scores.adapter
     return {
-        "squadtune.data_manifest_hash": stable_hash(squad.manifest),
-        "squadtune.config_hash": config.fingerprint(),
+        # The content hash of the validated data files both splits were read from.
+        "squadtune.data_manifest_hash": tokenized.squad.content_hash,
+        "squadtune.config_hash": run.config.fingerprint(),
         "squadtune.git_commit": git_commit(),
         "squadtune.base_model": model.name_or_path
         or f"random_init:{model.random_init.model_dump_json()}",
-        "squadtune.base_revision": str(
-            base.manifest.get("resolved_revision") or model.revision or "local"
-        ),
+        "squadtune.base_revision": str(base.resolved_revision or model.revision or "local"),
         "squadtune.adapter_key": adapter.key,
-        "eval.exact_match": f"{ours['exact_match']:.4f}",
-        "eval.f1": f"{ours['f1']:.4f}",
-        "eval.baseline_exact_match": f"{theirs['exact_match']:.4f}",
-        "eval.baseline_f1": f"{theirs['f1']:.4f}",
-        "eval.set_hash": evaluation.manifest["eval_set_hash"],
-        "eval.questions": str(evaluation.manifest["questions"]),
-        "prefect.flow_run_id": flow_run_id,
-        "mlflow.run_id": run_id,
+        "eval.exact_match": f"{ours.exact_match:.4f}",
+        "eval.f1": f"{ours.f1:.4f}",
+        "eval.baseline_exact_match": f"{theirs.exact_match:.4f}",
+        "eval.baseline_f1": f"{theirs.f1:.4f}",
+        "eval.set_hash": scores.eval_set_hash,
+        "eval.questions": str(scores.questions),
+        "prefect.flow_run_id": str(run.flow_run_id),
+        "mlflow.run_id": str(run.mlflow_run_id),
     }
 
 
@@ -231,49 +206,17 @@ def description(tags: dict[str, str]) -> str:
     )
 
 
-def stage_key(
-    adapter: StageOutput,
-    evaluation: StageOutput,
-    baseline: StageOutput,
-    config: PipelineConfig,
-    **_: Any,
-) -> str:
-    return STAGE.key(upstream_keys(adapter, evaluation, baseline), config.registry.cache_dict())
-
-
-@task(
-    name="register_adapter",
-    cache_key_fn=STAGE.cache_key_fn(stage_key, still_valid=version_exists),
-    persist_result=True,
-    result_serializer="json",
-)
+@stage("register", version="3", reads=("registry",), still_valid=version_exists)
 def register_adapter(
-    adapter: StageOutput,
-    evaluation: StageOutput,
-    baseline: StageOutput,
-    squad: StageOutput,
-    tokenized: StageOutput,
-    base: StageOutput,
-    config: PipelineConfig,
-    flow_run_id: str,
-    state_dir: str,
-    run_id: str,
-) -> StageOutput:
+    run: Run, scores: EvalResult, baseline: EvalResult, tokenized: Tokenized, base: BaseWeights,
+    out: Path,
+) -> Registration:
     """Log the adapter as an MLflow pyfunc model and register it with the `candidate` alias."""
-    key = stage_key(adapter, evaluation, baseline, config)
-    done = STAGE.finished(state_dir, key)
-    if done is not None and not version_exists(done):
-        shutil.rmtree(done.dir)
-
-    def produce(out: Path) -> dict[str, Any]:
-        tags = lineage_tags(
-            config, squad, base, adapter, evaluation, baseline, flow_run_id, run_id
-        )
-        artifacts = model_files(
-            adapter, tokenized, base, config.model, config.quantization, config.evaluation, out
-        )
-        info = log_and_register(artifacts, out, config, run_id, tags)
-        shutil.rmtree(out / "code")  # the logged copy in MLflow is the one that counts
-        return {**info, "adapter_key": adapter.key}
-
-    return STAGE.build(state_dir, key, produce)
+    adapter = scores.adapter
+    if adapter is None:
+        raise ValueError("register_adapter needs the scores of an adapter, not of the baseline")
+    tags = lineage_tags(run, scores, baseline, tokenized, base)
+    artifacts = model_files(run, tokenized, base, adapter, out)
+    registered = log_and_register(run, artifacts, out, tags)
+    shutil.rmtree(out / "code")  # the logged copy in MLflow is the one that counts
+    return registered

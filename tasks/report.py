@@ -5,7 +5,6 @@ Runs every time, cached stages or not, so each flow run's MLflow run and Prefect
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,16 +12,19 @@ from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from pipeline_config import PipelineConfig
-from tasks.stage import StageOutput
-from tasks.tracking import log_metrics, logged_steps, metric_name, run_url
+from squadtune.mlflow_metrics import log_metrics, logged_steps, metric_name
+from tasks.manifest import StageOutput
+from tasks.outputs import Adapter, EvalResult, Registration, SquadData, Tokenized
+from tasks.stage import Run
+from tasks.tracking import run_url
 
 
-def backfill_training(run_id: str, train: StageOutput) -> int:
+def backfill_training(run_id: str, train: Adapter) -> int:
     """Log the training history the run does not hold yet: all of it for a cached stage, the
     steps before the checkpoint a resumed one started from; never a step twice."""
     entries = [
         (e.get("step", 0), {metric_name(k): v for k, v in e.items() if k != "step"})
-        for e in train.manifest.get("log_history", [])
+        for e in train.log_history()
     ]
     present = {name: logged_steps(run_id, name) for name in {n for _, m in entries for n in m}}
     sent = 0
@@ -34,65 +36,53 @@ def backfill_training(run_id: str, train: StageOutput) -> int:
     return sent
 
 
-def one_point_params(squad: StageOutput, tokenized: StageOutput, lora: StageOutput,
-                     train: StageOutput) -> dict[str, Any]:
+def one_point_params(tokenized: Tokenized, train: Adapter) -> dict[str, Any]:
     """Figures a run has one of (what the data stages read, rejected, cut and dropped; model and
     adapter sizes): params, so that the metric charts are the curves and the scores."""
-    split = tokenized.manifest["splits"]["train"]
+    squad, split, parameters = tokenized.squad, tokenized.splits["train"], train.init.parameters
     return {
-        "data.train_examples": squad.manifest["counts"]["train"],
-        "data.eval_examples": squad.manifest["counts"]["eval"],
-        "data.rejected_train": squad.manifest["rejected"]["train"],
-        "data.rejected_eval": squad.manifest["rejected"]["eval"],
-        "data.truncated_train": split["truncated"],
-        "data.dropped_train": sum(split["dropped"].values()),
-        "data.train_tokens": split["tokens"],
-        "data.train_length_p50": split["length_percentiles"]["p50"],
-        "data.train_length_p99": split["length_percentiles"]["p99"],
-        "model.trainable_parameters": lora.manifest["parameters"]["trainable"],
-        "model.total_parameters": lora.manifest["parameters"]["total"],
-        "adapter.bytes": train.manifest["adapter_bytes"],
-        "data.eval_overlap_questions": overlap_of(squad)["questions"],
-        "data.eval_overlap_share": round(overlap_of(squad)["share"], 4),
+        "data.train_examples": squad.counts.train,
+        "data.eval_examples": squad.counts.eval,
+        "data.rejected_train": squad.rejected.train,
+        "data.rejected_eval": squad.rejected.eval,
+        "data.truncated_train": split.truncated,
+        "data.dropped_train": sum(split.dropped.values()),
+        "data.train_tokens": split.tokens,
+        "data.train_length_p50": split.length_percentiles["p50"],
+        "data.train_length_p99": split.length_percentiles["p99"],
+        "model.trainable_parameters": parameters.trainable,
+        "model.total_parameters": parameters.total,
+        "adapter.bytes": train.adapter_bytes,
+        "data.eval_overlap_questions": squad.eval_overlap.questions,
+        "data.eval_overlap_share": round(squad.eval_overlap.share, 4),
     }
 
 
-def overlap_of(squad: StageOutput) -> dict[str, Any]:
-    """Held-out questions that are training questions too (count and share)."""
-    return squad.manifest.get("eval_overlap") or {"questions": 0, "share": 0.0}
-
-
-def overlap_line(squad: StageOutput) -> str:
-    overlap = overlap_of(squad)
-    if not overlap["questions"]:
+def overlap_line(squad: SquadData) -> str:
+    overlap = squad.eval_overlap
+    if not overlap.questions:
         return "No held-out question is a training question."
     return (
-        f"**{overlap['questions']} held-out questions ({overlap['share']:.1%}) are training "
+        f"**{overlap.questions} held-out questions ({overlap.share:.1%}) are training "
         "questions too** (data.eval_overlap=allow): the scores below include them."
     )
 
 
-def eval_metrics(evaluation: StageOutput, baseline: StageOutput) -> dict[str, float]:
+def eval_metrics(evaluation: EvalResult, baseline: EvalResult) -> dict[str, float]:
     """Scores of the adapter and the baseline, their difference, and the per-bucket scores."""
-    ours, base = evaluation.manifest["metrics"], baseline.manifest["metrics"]
+    ours, base = evaluation.metrics.numbers(), baseline.metrics.numbers()
     out: dict[str, float] = {}
     for name, value in ours.items():
-        if isinstance(value, (int, float)):
-            out[f"eval/{name}"] = value
-            if isinstance(base.get(name), (int, float)) and not name.endswith("_total"):
-                out[f"eval/baseline_{name}"] = base[name]
-                out[f"eval/gain_{name}"] = value - base[name]
+        out[f"eval/{name}"] = value
+        if name in base and not name.endswith("_total"):
+            out[f"eval/baseline_{name}"] = base[name]
+            out[f"eval/gain_{name}"] = value - base[name]
     # A section of their own, below the headline scores in MLflow's charts.
-    for bucket, scores in ours["by_answer_length"].items():
+    for bucket, scores in evaluation.metrics.by_answer_length.items():
         slug = bucket.replace(" ", "_").replace("+", "plus")
-        out[f"eval_by_answer_length/f1_{slug}"] = scores["f1"]
-        out[f"eval_by_answer_length/exact_match_{slug}"] = scores["exact_match"]
+        out[f"eval_by_answer_length/f1_{slug}"] = scores.f1
+        out[f"eval_by_answer_length/exact_match_{slug}"] = scores.exact_match
     return out
-
-
-def read_predictions(evaluation: StageOutput) -> list[dict[str, Any]]:
-    with open(evaluation.dir / "predictions.jsonl") as fh:
-        return [json.loads(line) for line in fh]
 
 
 def config_summary(config: PipelineConfig) -> str:
@@ -116,52 +106,44 @@ def config_summary(config: PipelineConfig) -> str:
 
 
 def markdown_report(
-    config: PipelineConfig,
-    url: str,
-    squad: StageOutput,
-    tokenized: StageOutput,
-    evaluation: StageOutput,
-    baseline: StageOutput,
-    registered: StageOutput,
-    train: StageOutput,
-    predictions: list[dict[str, Any]],
+    config: PipelineConfig, url: str, tokenized: Tokenized, evaluation: EvalResult,
+    baseline: EvalResult, reg: Registration,
 ) -> str:
-    ours, base = evaluation.manifest["metrics"], baseline.manifest["metrics"]
-    reg = registered.manifest
-    counts, rejected = squad.manifest["counts"], squad.manifest["rejected"]
-    dropped = sum(tokenized.manifest["splits"]["train"]["dropped"].values())
+    ours, base, train = evaluation.metrics, baseline.metrics, evaluation.adapter
+    squad = tokenized.squad
+    counts, rejected = squad.counts, squad.rejected
+    dropped = sum(tokenized.splits["train"].dropped.values())
     lines = [
         f"# {config.short_name()}",
         "",
-        f"Registered **{reg['model_name']}** version **{reg['version']}** (`@{reg['alias']}`); "
+        f"Registered **{reg.model_name}** version **{reg.version}** (`@{reg.alias}`); "
         f"MLflow run: {url}",
         "",
         config_summary(config),
         "",
         what_it_can_show(config),
         "",
-        f"**Data**: {counts['train']} training and {counts['eval']} held-out questions; "
-        f"{rejected['train'] + rejected['eval']} malformed records rejected, {dropped} training "
+        f"**Data**: {counts.train} training and {counts.eval} held-out questions; "
+        f"{rejected.train + rejected.eval} malformed records rejected, {dropped} training "
         f"examples dropped (answer cut off by max_seq_len). {overlap_line(squad)}",
         "",
-        f"**Training**: {train.manifest['global_step']} steps, final loss "
-        f"{train.manifest['final_loss'] or float('nan'):.4f}"
-        + (f", resumed from step {train.manifest['resumed_from_step']}"
-           if train.manifest.get("resumed_from_step") else "")
-        + f". **Evaluation** on {evaluation.manifest['questions']} held-out questions:",
+        f"**Training**: {train.global_step} steps, final loss "
+        f"{train.final_loss or float('nan'):.4f}"
+        + (f", resumed from step {train.resumed_from_step}" if train.resumed_from_step else "")
+        + f". **Evaluation** on {evaluation.questions} held-out questions:",
         "",
         "| | exact match | F1 |",
         "|---|---:|---:|",
-        f"| fine-tuned | {ours['exact_match']:.2f} | {ours['f1']:.2f} |",
-        f"| baseline (base model, no adapter) | {base['exact_match']:.2f} | {base['f1']:.2f} |",
-        f"| difference | {ours['exact_match'] - base['exact_match']:+.2f} | "
-        f"{ours['f1'] - base['f1']:+.2f} |",
+        f"| fine-tuned | {ours.exact_match:.2f} | {ours.f1:.2f} |",
+        f"| baseline (base model, no adapter) | {base.exact_match:.2f} | {base.f1:.2f} |",
+        f"| difference | {ours.exact_match - base.exact_match:+.2f} | "
+        f"{ours.f1 - base.f1:+.2f} |",
         "",
         "| gold answer length | questions | exact match | F1 |",
         "|---|---:|---:|---:|",
         *[
-            f"| {b} | {s['count']} | {s['exact_match']:.2f} | {s['f1']:.2f} |"
-            for b, s in ours["by_answer_length"].items()
+            f"| {b} | {s.count} | {s.exact_match:.2f} | {s.f1:.2f} |"
+            for b, s in ours.by_answer_length.items()
         ],
         "",
         "## Ten worst answers",
@@ -169,7 +151,7 @@ def markdown_report(
         "| question | gold | prediction | F1 |",
         "|---|---|---|---:|",
     ]
-    worst = sorted(predictions, key=lambda r: (r["f1"], -len(r["gold_answers"][0] if
+    worst = sorted(evaluation.predictions(), key=lambda r: (r["f1"], -len(r["gold_answers"][0] if
                                                             r["gold_answers"] else "")))[:10]
 
     def cell(text: str) -> str:
@@ -195,22 +177,22 @@ def log_params(run_id: str, params: dict[str, Any]) -> None:
         client.log_batch(run_id, params=new)
 
 
-def mark_run_kind(run_id: str, train: StageOutput, registered: StageOutput) -> str:
+def mark_run_kind(run_id: str, train: Adapter, registered: Registration) -> str:
     """Tag what this run computed: `trained` (training ran here), `cached` (training and
     registration came from earlier runs: the scores and curves are theirs, copied) or `partial`."""
     import mlflow
 
-    trained_here = train.manifest.get("mlflow_run_id") == run_id
-    registered_here = registered.manifest.get("run_id") == run_id
+    trained_here = train.mlflow_run_id == run_id
+    registered_here = registered.run_id == run_id
     kind = "trained" if trained_here else ("partial" if registered_here else "cached")
     client = mlflow.MlflowClient()
     client.set_tag(run_id, "squadtune.run_kind", kind)
-    client.set_tag(run_id, "squadtune.trained_by_run", train.manifest.get("mlflow_run_id") or "")
+    client.set_tag(run_id, "squadtune.trained_by_run", train.mlflow_run_id or "")
     if kind == "cached":
         note = client.get_run(run_id).data.tags.get("mlflow.note.content", "")
         client.set_tag(run_id, "mlflow.note.content", (
             f"Fully cached re-run: no stage ran. The adapter, its curves and scores come from "
-            f"run {train.manifest.get('mlflow_run_id')}.\n\n{note}").strip())
+            f"run {train.mlflow_run_id}.\n\n{note}").strip())
     return kind
 
 
@@ -230,53 +212,49 @@ def what_it_can_show(config: PipelineConfig) -> str:
 
 @task(name="report_run")
 def report_run(
-    run_id: str,
-    config: PipelineConfig,
-    squad: StageOutput,
-    tokenized: StageOutput,
-    lora: StageOutput,
-    train: StageOutput,
-    evaluation: StageOutput,
-    baseline: StageOutput,
-    registered: StageOutput,
+    run: Run, tokenized: Tokenized, evaluation: EvalResult, baseline: EvalResult,
+    registered: Registration,
 ) -> dict[str, Any]:
     """Log data, scores and predictions to MLflow; summarize the run as Prefect artifacts."""
     import mlflow
     import pandas as pd
 
+    config, run_id, squad = run.config, run.mlflow_run_id, tokenized.squad
+    train = evaluation.adapter
+    mechanism = set(StageOutput.model_fields) | {"squad"}  # where it lives, not what it says
     client = mlflow.MlflowClient()
-    client.log_dict(run_id, squad.manifest, "data/data_manifest.json")
-    client.log_dict(run_id, tokenized.manifest, "data/tokenized_manifest.json")
-    if any(squad.manifest["rejected"].values()):
+    client.log_dict(run_id, squad.model_dump(exclude=mechanism), "data/data_manifest.json")
+    client.log_dict(run_id, tokenized.model_dump(exclude=mechanism), "data/tokenized_manifest.json")
+    if squad.rejected.train or squad.rejected.eval:
         client.log_artifact(run_id, str(squad.dir / "rejected.jsonl"), "data")
     backfill_training(run_id, train)
     if (train.dir / "loss_curve.png").exists():
         client.log_artifact(run_id, str(train.dir / "loss_curve.png"), "train")
-    predictions = read_predictions(evaluation)
+    predictions = evaluation.predictions()
     client.log_table(run_id, data=pd.DataFrame(predictions), artifact_file="eval/predictions.json")
-    client.log_dict(run_id, evaluation.manifest["metrics"], "eval/metrics.json")
-    client.log_dict(run_id, baseline.manifest["metrics"], "eval/baseline_metrics.json")
-    log_metrics(run_id, eval_metrics(evaluation, baseline), step=train.manifest["global_step"])
-    log_params(run_id, one_point_params(squad, tokenized, lora, train))
-    reg = registered.manifest
-    client.set_tag(run_id, "squadtune.registered_model", f"{reg['model_name']}/{reg['version']}")
-    client.set_tag(run_id, "squadtune.eval_overlap", str(overlap_of(squad)["questions"]))
+    client.log_dict(run_id, evaluation.metrics.model_dump(), "eval/metrics.json")
+    client.log_dict(run_id, baseline.metrics.model_dump(), "eval/baseline_metrics.json")
+    log_metrics(run_id, eval_metrics(evaluation, baseline), step=train.global_step)
+    log_params(run_id, one_point_params(tokenized, train))
+    client.set_tag(run_id, "squadtune.registered_model",
+                   f"{registered.model_name}/{registered.version}")
+    client.set_tag(run_id, "squadtune.eval_overlap", str(squad.eval_overlap.questions))
     mark_run_kind(run_id, train, registered)
-    metrics, base = evaluation.manifest["metrics"], baseline.manifest["metrics"]
+    metrics, base = evaluation.metrics, baseline.metrics
     summary = {
         "run_name": config.short_name(),
         "mlflow_run_id": run_id,
-        "model_name": reg["model_name"],
-        "model_version": reg["version"],
-        "model_uri": reg["model_uri"],
-        "alias": reg["alias"],
-        "exact_match": round(metrics["exact_match"], 2),
-        "f1": round(metrics["f1"], 2),
-        "baseline_exact_match": round(base["exact_match"], 2),
-        "baseline_f1": round(base["f1"], 2),
-        "train_steps": train.manifest["global_step"],
-        "final_train_loss": train.manifest["final_loss"],
-        "eval_overlap": overlap_of(squad),
+        "model_name": registered.model_name,
+        "model_version": registered.version,
+        "model_uri": registered.model_uri,
+        "alias": registered.alias,
+        "exact_match": round(metrics.exact_match, 2),
+        "f1": round(metrics.f1, 2),
+        "baseline_exact_match": round(base.exact_match, 2),
+        "baseline_f1": round(base.f1, 2),
+        "train_steps": train.global_step,
+        "final_train_loss": train.final_loss,
+        "eval_overlap": squad.eval_overlap.model_dump(),
     }
     if what_it_can_show(config):
         summary["note"] = what_it_can_show(config).replace("**", "").replace("`", "")
@@ -284,9 +262,7 @@ def report_run(
     if url.startswith("http"):
         create_link_artifact(url, link_text="MLflow run", key="mlflow-run")
     create_markdown_artifact(
-        markdown_report(
-            config, url, squad, tokenized, evaluation, baseline, registered, train, predictions
-        ),
+        markdown_report(config, url, tokenized, evaluation, baseline, registered),
         key="run-summary",
         description="squadtune run summary: scores against the baseline, worst answers",
     )

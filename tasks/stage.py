@@ -1,241 +1,149 @@
-"""Content-addressed stage outputs and the Prefect cache keys that point at them.
+"""The one shape of a stage, and its one cache: the content-addressed stage directory.
 
-Every stage writes `<state_dir>/artifacts/<stage>/<key>/` with a `manifest.json` written last. The
-manifest lists the output's files (size, sha256), the hash of the files that are its content, and
-the content hashes of the stage outputs it was built from. An output is trusted only when its
-files are all there and unchanged and its inputs still hold what it was built from; anything else
-is rebuilt, and a rebuild with identical content leaves its dependants cached.
+    @stage("tokenized", version="3", reads=("data.max_seq_len", "data.refusal_answer"))
+    def format_and_tokenize(run: Run, squad: SquadData, out: Path) -> Tokenized:
+        ...
 
-A build holds the output's lease (`tasks.lease`), so a second run of the same stage waits and then
-uses the first one's output. The Prefect cache key of a stage task is the same `key`; Prefect's
-record only points at the directory, whose manifest is re-read whenever a record is loaded.
+Calling `format_and_tokenize(run, squad)` computes the stage's key once: its name and version,
+the config slices it `reads`, the keys of its stage-output inputs, and any `identity` of what
+else it reads (file hashes). It then runs the Prefect task, whose cache record points at the
+same key. The task returns the finished output when the directory holds one that verifies
+(files unchanged, inputs still the content it was built from, manifest parsing as the declared
+type); otherwise it builds into a scratch directory under the output's lease (`tasks.lease`) and
+renames it into place, so a second run of the same stage waits and then uses the first one's.
 """
 
 from __future__ import annotations
 
-import json
+import functools
+import inspect
 import os
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, model_validator
+from pydantic import BaseModel, ConfigDict
+from pydantic_core import to_jsonable_python
 
-from pipeline_config import stable_hash
+from pipeline_config import PipelineConfig, Section
+from squadtune.hashing import stable_hash
 from tasks.lease import free, lease
-from tasks.squad_io import sha256_file
+from tasks.manifest import (
+    MANIFEST,
+    StageOutput,
+    all_inputs,
+    check_inputs,
+    content_hash,
+    damage,
+    list_files,
+    read_output,
+    untrusted_inputs,
+    write_json,
+)
 
-MANIFEST = "manifest.json"
 SCRATCH = ".partial-"
 
 
-class StageOutput(BaseModel):
-    """What a stage hands downstream: where its output is and the small facts about it."""
+class Run(BaseModel):
+    """What every stage of one flow run shares."""
 
-    stage: str
-    key: str
-    path: str
-    manifest: dict[str, Any]
+    model_config = ConfigDict(frozen=True)
 
-    @property
-    def dir(self) -> Path:
-        return Path(self.path)
-
-    @model_validator(mode="after")
-    def _current_manifest(self) -> StageOutput:
-        # A Prefect cache record may predate a rebuild of the same key: the directory's manifest
-        # is the truth, the record only says where it is.
-        on_disk = read_manifest(self.dir)
-        if on_disk is not None and on_disk.get("key") == self.key:
-            self.manifest = on_disk
-        return self
+    config: PipelineConfig
+    state_dir: str
+    mlflow_run_id: str | None = None
+    flow_run_id: str | None = None
 
 
-class StaleInput(RuntimeError):
-    """An input changed on disk after it was handed to this stage: building on it would mix runs."""
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
-
-
-def read_manifest(directory: Path) -> dict[str, Any] | None:
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) else None
-
-
-def list_files(directory: Path, skip: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
-    """relative path -> size, mtime and sha256 of every file of an output (not the manifest)."""
-    skip = tuple(skip)
-    files = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        rel = path.relative_to(directory).as_posix()
-        if rel == MANIFEST or rel.startswith(skip):
-            continue
-        st = path.stat()
-        files[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
-    return files
-
-
-def damage(directory: Path, files: dict[str, dict[str, Any]]) -> str | None:
-    """What is wrong with the listed files, or None. A file whose size and mtime are as listed is
-    taken as unchanged (the cheap check, as git's index does); any other is hashed again."""
-    for rel, meta in files.items():
-        path = directory / rel
-        try:
-            st = path.stat()
-        except OSError:
-            return f"{rel} is missing"
-        if st.st_size != meta["size"]:
-            return f"{rel} has {st.st_size} bytes, not {meta['size']}"
-        if st.st_mtime_ns != meta["mtime_ns"] and sha256_file(path) != meta["sha256"]:
-            return f"{rel} changed content"
-    return None
-
-
-def content_hash(files: dict[str, dict[str, Any]], content: Sequence[str]) -> str:
-    """Identity of an output's content: the hashes of its content files (all files by default)."""
-    chosen = {
-        r: m["sha256"] for r, m in files.items() if not content or r.startswith(tuple(content))
-    }
-    return stable_hash(chosen)
-
-
-def ref(output: StageOutput) -> str:
-    return f"{output.stage}:{output.key}"
-
-
-def task_inputs() -> list[StageOutput]:
-    """The stage outputs the running Prefect task was called with: a stage's inputs."""
-    from prefect.context import TaskRunContext
-
-    context = TaskRunContext.get()
-    return inputs_of(context.parameters) if context is not None else []
-
-
-def inputs_of(parameters: dict[str, Any]) -> list[StageOutput]:
-    return [v for v in parameters.values() if isinstance(v, StageOutput)]
-
-
-def untrusted_inputs(manifest: dict[str, Any], inputs: Sequence[StageOutput]) -> str | None:
-    """Why `manifest`'s recorded inputs disagree with `inputs` now, or None.
-
-    Only inputs the manifest names by key are compared: an output keyed without an input's key
-    (the base model reads only the tokenizer's size) does not depend on which one it is given.
-    """
-    recorded = manifest.get("upstream", {})
-    for output in inputs:
-        built_from = recorded.get(ref(output))
-        if built_from is not None and built_from != output.manifest.get("content_hash"):
-            return f"its input {ref(output)} holds other content than it was built from"
-    return None
-
-
-def check_inputs(inputs: Sequence[StageOutput]) -> None:
-    """Refuse to build on inputs that changed since they were handed over, or that disagree on
-    what they were built from (an evaluation of one adapter, another adapter on disk)."""
-    for output in inputs:
-        on_disk = read_manifest(output.dir) or {}
-        wrong = damage(output.dir, on_disk.get("files", {})) if on_disk else "its manifest is gone"
-        if on_disk.get("content_hash") != output.manifest.get("content_hash"):
-            wrong = wrong or "it was rebuilt with other content"
-        wrong = wrong or untrusted_inputs(output.manifest, inputs)
-        if wrong:
-            raise StaleInput(
-                f"input {ref(output)} ({output.dir}) cannot be used: {wrong}. Another run "
-                "changed it while this one ran; re-run to rebuild what depends on it"
-            )
+def config_slice(config: PipelineConfig, path: str) -> Any:
+    """The cache-relevant value at a dotted config path: a section without the fields that
+    never change results, or a plain value."""
+    value: Any = config
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value.cache_dict() if isinstance(value, Section) else to_jsonable_python(value)
 
 
 @dataclass(frozen=True)
 class Stage:
-    """A pipeline stage: its name, the version of its meaning, and where its outputs live."""
+    """A stage's declaration: its name, the version of its meaning, what its key is made of,
+    and what a finished output must hold."""
 
     name: str
     version: str
-    # Files that must exist in a finished output, besides the manifest.
-    required: tuple[str, ...] = ()
-    # Path prefixes whose files are the output's identity for dependants (default: all files).
-    content: tuple[str, ...] = ()
-    # Path prefixes of working files that are not part of the output (training checkpoints).
-    scratch: tuple[str, ...] = ()
+    output: type[StageOutput]
+    reads: tuple[str, ...] = ()
+    ignores: tuple[str, ...] = ()  # dotted fields of a section in `reads` that it does not read
+    keyed: tuple[str, ...] | None = None  # inputs whose keys count (default: all of them)
+    # More of what it reads, as JSON: (run, **inputs) -> file hashes, a hub revision. Computed
+    # once per run, and handed to the stage function when it takes an `identity` parameter.
+    identity: Callable[..., Any] | None = None
+    required: tuple[str, ...] = ()  # files a finished output holds besides the manifest
+    content: tuple[str, ...] = ()  # path prefixes that are its identity (default: all files)
+    scratch: tuple[str, ...] = ()  # path prefixes of working files (training checkpoints)
+    in_place: bool = False  # build in the final directory, keeping partial work for a re-run
+    # A check of a finished output against the world outside the state dir (its model version
+    # still registered): (output) -> why it no longer holds, or None.
+    still_valid: Callable[[Any], str | None] | None = None
 
-    def key(self, *parts: Any) -> str:
-        return stable_hash([self.name, self.version, *parts])
+    def key(self, run: Run, inputs: dict[str, Any], identity: Any = None) -> str:
+        reads = {path: config_slice(run.config, path) for path in self.reads}
+        for path in self.ignores:
+            section, name = path.rsplit(".", 1)
+            reads[section].pop(name, None)
+        keys = {
+            name: value.key for name, value in inputs.items()
+            if isinstance(value, StageOutput) and (self.keyed is None or name in self.keyed)
+        }
+        return stable_hash([self.name, self.version, reads, keys, identity])
 
     def dir(self, state_dir: str | Path, key: str) -> Path:
         return Path(state_dir).resolve() / "artifacts" / self.name / key
 
-    def why_not_finished(
-        self, state_dir: str | Path, key: str, inputs: Sequence[StageOutput] = ()
-    ) -> str | None:
+    def load(self, state_dir: str | Path, key: str, inputs=()) -> StageOutput | str:
+        """The finished, verified output for `key`, or why there is none (a string)."""
         directory = self.dir(state_dir, key)
-        manifest = read_manifest(directory)
-        if manifest is None or manifest.get("key") != key:
-            return "not built" if not directory.exists() else "no finished manifest"
-        if "files" not in manifest or "content_hash" not in manifest:
-            return "its manifest lists no files to verify (built by an older version)"
+        output = read_output(directory, self.output)
+        if isinstance(output, str):
+            return output
+        if output.key != key:
+            return "no finished manifest"
         missing = [name for name in self.required if not (directory / name).exists()]
         if missing:
             return f"{missing[0]} is missing"
-        return damage(directory, manifest["files"]) or untrusted_inputs(manifest, inputs)
+        why = damage(directory, output.files) or untrusted_inputs(output, inputs)
+        why = why or (self.still_valid(output) if self.still_valid else None)
+        return why or output.model_copy(update={"path": str(directory)})
 
-    def finished(
-        self, state_dir: str | Path, key: str, inputs: Sequence[StageOutput] = ()
-    ) -> StageOutput | None:
-        """The finished output for `key`, or None if it is missing, unfinished, damaged, or was
-        built from inputs whose content has changed since."""
-        if self.why_not_finished(state_dir, key, inputs) is not None:
-            return None
-        directory = self.dir(state_dir, key)
-        return StageOutput(
-            stage=self.name, key=key, path=str(directory), manifest=read_manifest(directory)
-        )
+    def finished(self, state_dir: str | Path, key: str, inputs=()) -> StageOutput | None:
+        found = self.load(state_dir, key, inputs)
+        return None if isinstance(found, str) else found
 
-    def build(
-        self,
-        state_dir: str | Path,
-        key: str,
-        produce: Callable[[Path], dict[str, Any]],
-        *,
-        in_place: bool = False,
-        inputs: Sequence[StageOutput] | None = None,
-    ) -> StageOutput:
-        """Return the finished output for `key`, producing it first if needed.
-
-        `produce(directory)` writes the output and returns the manifest. By default it writes to a
-        scratch directory that is renamed into place when done (and removed if it fails);
-        `in_place` keeps partial work (the training stage's checkpoints) where a re-run finds it.
-        `inputs` are the stage outputs it reads (default: those the Prefect task was called with).
-        """
-        inputs = task_inputs() if inputs is None else list(inputs)
-        done = self.finished(state_dir, key, inputs)
+    def build(self, run: Run, key: str, produce: Callable[[Path], StageOutput], inputs) -> Any:
+        """The finished output for `key`, produced first (under the output's lease) if needed."""
+        inputs = all_inputs(inputs)
+        done = self.finished(run.state_dir, key, inputs)
         if done is not None:
             return done
-        with lease(state_dir, f"{self.name}-{key}", f"stage {self.name} ({key})", _flow_run()):
-            why = self.why_not_finished(state_dir, key, inputs)
-            if why is None:  # another run built it while this one waited
-                return self.finished(state_dir, key, inputs)
-            if why != "not built":
-                print(f"stage {self.name} ({key}) is rebuilt: {why}")
-            return self._build(state_dir, key, produce, in_place, inputs)
+        with lease(run.state_dir, f"{self.name}-{key}", f"stage {self.name} ({key})",
+                   run.flow_run_id):
+            found = self.load(run.state_dir, key, inputs)
+            if not isinstance(found, str):  # another run built it while this one waited
+                return found
+            if found != "not built":
+                print(f"stage {self.name} ({key}) is rebuilt: {found}")
+            return self._build(run.state_dir, key, produce, inputs)
 
-    def _build(self, state_dir, key, produce, in_place, inputs) -> StageOutput:
+    def _build(self, state_dir, key, produce, inputs) -> StageOutput:
         check_inputs(inputs)
         final = self.dir(state_dir, key)
         final.parent.mkdir(parents=True, exist_ok=True)
         for stale in final.parent.glob(f"{key}{SCRATCH}*"):  # a dead build's: we hold the lease
             shutil.rmtree(stale, ignore_errors=True)
-        work = final if in_place else final.with_name(f"{key}{SCRATCH}{os.getpid()}")
-        if in_place:
+        work = final if self.in_place else final.with_name(f"{key}{SCRATCH}{os.getpid()}")
+        if self.in_place:
             (final / MANIFEST).unlink(missing_ok=True)
         else:
             shutil.rmtree(work, ignore_errors=True)
@@ -244,49 +152,113 @@ class Stage:
             produced = produce(work)
             check_inputs(inputs)  # still the inputs it started from
             files = list_files(work, self.scratch)
-            manifest = {
-                "stage": self.name, "version": self.version, **produced, "key": key,
-                "files": files, "content_hash": content_hash(files, self.content),
-                "upstream": {ref(o): o.manifest.get("content_hash") for o in inputs},
-            }
-            write_json(work / MANIFEST, manifest)
+            output = self.output.model_validate({
+                **produced.model_dump(), "stage": self.name, "stage_version": self.version,
+                "key": key, "path": str(final), "files": files,
+                "content_hash": content_hash(files, self.content),
+                "upstream": {o.ref: o.content_hash for o in inputs},
+            })
+            write_json(work / MANIFEST, output)
         except BaseException:
-            if not in_place:
+            if not self.in_place:
                 shutil.rmtree(work, ignore_errors=True)
             raise
-        if not in_place:
+        if not self.in_place:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(work, final)
-        return StageOutput(stage=self.name, key=key, path=str(final), manifest=manifest)
+        return output
 
-    def cache_key_fn(
-        self,
-        key_of: Callable[..., str],
-        still_valid: Callable[[StageOutput], bool] | None = None,
-    ) -> Callable[[Any, dict[str, Any]], str | None]:
-        """A Prefect `cache_key_fn` keyed on the stage key, recomputing when the output is not
-        trusted any more."""
 
-        def cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
-            key = key_of(**parameters)
-            state_dir = parameters["state_dir"]
-            # Results hold paths inside state_dir, so another state dir gets its own record.
-            where = stable_hash(str(Path(state_dir).resolve()), length=8)
-            cache_key = f"{self.name}-{key}-{where}"
-            done = self.finished(state_dir, key, inputs_of(parameters))
-            valid = done is not None and (still_valid is None or still_valid(done))
-            if not valid and context.result_store.exists(cache_key):
-                return None
-            return cache_key
+def stage(name: str, version: str, **declaration: Any) -> Callable[[Callable], StageFunction]:
+    """Make `fn(run, *inputs, out) -> Output` a cached pipeline stage (see the module doc).
 
+    Keyword arguments are `Stage`'s fields, plus `task`: options of the Prefect task (e.g.
+    `task_run_name`).
+    """
+    task_options = declaration.pop("task", {})
+
+    def wrap(fn: Callable) -> StageFunction:
+        output = inspect.signature(fn).return_annotation
+        output = fn.__globals__[output] if isinstance(output, str) else output
+        spec = Stage(name, version, output, **declaration)
+        return StageFunction(fn, spec, task_options)
+
+    return wrap
+
+
+class StageFunction:
+    """A stage as the flow calls it: `stage_fn(run, *inputs)` returns its typed output."""
+
+    def __init__(self, fn: Callable, spec: Stage, task_options: dict[str, Any]):
+        from prefect import task
+
+        functools.update_wrapper(self, fn)
+        self.fn, self.spec = fn, spec
+        params = list(inspect.signature(fn).parameters.values())
+        self.takes_identity = any(p.name == "identity" for p in params)
+        inputs = [p for p in params if p.name not in ("out", "identity")]
+        self.signature = inspect.Signature(inputs)
+
+        def body(*args: Any, key: str, **kwargs: Any) -> StageOutput:
+            bound = self.signature.bind(*args, **{k: v for k, v in kwargs.items()
+                                                  if k != "identity"})
+            bound.apply_defaults()
+            extra = {"identity": kwargs["identity"]} if self.takes_identity else {}
+            return spec.build(
+                bound.arguments["run"], key,
+                lambda out: fn(*bound.args, out=out, **bound.kwargs, **extra),
+                [v for v in bound.arguments.values() if isinstance(v, StageOutput)],
+            )
+
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        body.__signature__ = inspect.Signature(  # Prefect reads the task's parameters from it
+            [*inputs, inspect.Parameter("key", keyword, annotation=str)]
+            + ([inspect.Parameter("identity", keyword)] if self.takes_identity else [])
+        )
+        options = {"log_prints": True, **task_options}
+        self.task = task(
+            body, name=fn.__name__, description=(fn.__doc__ or "").strip().split("\n")[0],
+            cache_key_fn=self.cache_key, persist_result=True, result_serializer="json",
+            **options,
+        )
+
+    def key(self, *args: Any, **kwargs: Any) -> str:
+        """The stage key of a call with these arguments."""
+        return self._key(*args, **kwargs)[0]
+
+    def _key(self, *args: Any, **kwargs: Any):
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        run, *_ = bound.arguments.values()
+        inputs = {k: v for k, v in bound.arguments.items() if k != "run"}
+        identity = self.spec.identity(run, **inputs) if self.spec.identity else None
+        return self.spec.key(run, inputs, identity), identity, bound, run
+
+    def build(self, *args: Any, **kwargs: Any) -> Any:
+        """The stage's output without Prefect: found, or built in this process (tests, tools)."""
+        key, identity, bound, run = self._key(*args, **kwargs)
+        extra = {"identity": identity} if self.takes_identity else {}
+        return self.task.fn(*bound.args, key=key, **bound.kwargs, **extra)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        key, identity, bound, run = self._key(*args, **kwargs)
+        extra = {"identity": identity} if self.takes_identity else {}
+        result = self.task(*bound.args, key=key, **bound.kwargs, **extra)
+        # Prefect's record only says where the output is: its directory is the truth.
+        return self.spec.finished(run.state_dir, key) or result
+
+    def cache_key(self, context: Any, parameters: dict[str, Any]) -> str | None:
+        """Prefect's cache key: the stage key, scoped to the state dir; None (recompute) when
+        a record exists but the output it points at is no longer trusted."""
+        run, key = parameters["run"], parameters["key"]
+        # Results hold paths inside state_dir, so another state dir gets its own record.
+        where = stable_hash(str(Path(run.state_dir).resolve()), length=8)
+        cache_key = f"{self.spec.name}-{key}-{where}"
+        inputs = all_inputs(v for v in parameters.values() if isinstance(v, StageOutput))
+        done = self.spec.finished(run.state_dir, key, inputs)
+        if done is None and context.result_store.exists(cache_key):
+            return None
         return cache_key
-
-
-def _flow_run() -> str | None:
-    from prefect.context import TaskRunContext
-
-    context = TaskRunContext.get()
-    return str(context.task_run.flow_run_id) if context is not None else None
 
 
 def sweep_scratch(state_dir: str | Path) -> list[Path]:
@@ -298,7 +270,3 @@ def sweep_scratch(state_dir: str | Path) -> list[Path]:
             shutil.rmtree(work, ignore_errors=True)
             removed.append(work)
     return removed
-
-
-def upstream_keys(*outputs: StageOutput) -> list[str]:
-    return [f"{o.stage}:{o.key}" for o in outputs]

@@ -42,6 +42,25 @@ if not SQUAD_DEV.is_file() or not TOKENIZER_DIR.is_dir():
     )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def keeps_the_tracking_uri(request):
+    """Fails the test module that leaves MLflow pointed elsewhere, and points it back, so that a
+    later test's subprocesses (which inherit MLFLOW_TRACKING_URI) and its in-process client share
+    one store. `mlflow.set_tracking_uri(None)` unsets MLFLOW_TRACKING_URI: restore it after."""
+    yield
+    import mlflow
+
+    expected = f"sqlite:///{_SESSION_TMP / 'mlflow.db'}"
+    found = (os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri())
+    if found != (expected, expected):
+        mlflow.set_tracking_uri(None)
+        os.environ["MLFLOW_TRACKING_URI"] = expected
+        pytest.fail(
+            f"{request.module.__name__} left MLFLOW_TRACKING_URI={found[0]!r} and MLflow's "
+            f"tracking URI {found[1]!r}, not the session's {expected!r}"
+        )
+
+
 @pytest.fixture(scope="session")
 def session_tmp() -> Path:
     return _SESSION_TMP
@@ -118,27 +137,19 @@ def tiny_config(small_squad_file, tmp_path):
 
 
 def build_until_lora(config, root: Path) -> dict:
-    """The first four stages built by their plain functions (no Prefect), for stage tests."""
-    from tasks import base_model, format_tokenize, load_squad, lora
+    """The first four stages built in this process (no Prefect), for stage tests."""
+    from tasks.base_model import prepare_base_model
+    from tasks.format_tokenize import format_and_tokenize
+    from tasks.load_squad import load_squad
+    from tasks.lora import apply_lora
+    from tasks.stage import Run
 
-    squad = load_squad.STAGE.build(root, "squad", lambda out: load_squad.build(config.data, out))
-    tokenized = format_tokenize.STAGE.build(
-        root, "tok", lambda out: format_tokenize.build(squad, config.data, config.model, out)
-    )
-    base = base_model.STAGE.build(
-        root,
-        "base",
-        lambda out: base_model.build(config.model, tokenized, config.data.max_seq_len, out),
-    )
-    lora_init = lora.STAGE.build(
-        root,
-        "lora",
-        lambda out: lora.build(
-            base, tokenized, config.model, config.quantization, config.lora,
-            config.training.seed, out,
-        ),
-    )
-    return {"squad": squad, "tokenized": tokenized, "base": base, "lora": lora_init}
+    run = Run(config=config, state_dir=str(root))
+    squad = load_squad.build(run)
+    tokenized = format_and_tokenize.build(run, squad)
+    base = prepare_base_model.build(run, tokenized)
+    lora_init = apply_lora.build(run, base, tokenized)
+    return {"run": run, "squad": squad, "tokenized": tokenized, "base": base, "lora": lora_init}
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import random
 
 from flows.finetune import finetune
 from pipeline_config import PipelineConfig
-from tasks.stage import read_manifest
+from tasks.manifest import read_manifest
 from tests.conftest import tiny_config_dict
 
 

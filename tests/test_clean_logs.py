@@ -9,6 +9,9 @@ from tests.conftest import tiny_config_dict
 def flow_logs(flow_run_id) -> list[str]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)  # logs reach the server from a background worker
 
     with get_client(sync_client=True) as client:
         logs = client.read_logs(
@@ -20,14 +23,15 @@ def flow_logs(flow_run_id) -> list[str]:
 def test_data_stages_log_no_bytecode_under_log_prints(small_squad_file, tmp_path, prefect_harness):
     from tasks.format_tokenize import format_and_tokenize
     from tasks.load_squad import load_squad
+    from tasks.stage import Run
 
     config = PipelineConfig.model_validate(tiny_config_dict(small_squad_file, tmp_path / "s"))
 
     @flow(log_prints=True)  # as the finetune flow is: prints become Prefect logs
     def data_stages():
         print("a print of our own is still logged")
-        squad = load_squad(config.data, str(tmp_path / "s"))
-        format_and_tokenize(squad, config.data, config.model, str(tmp_path / "s"))
+        run = Run(config=config, state_dir=str(tmp_path / "s"))
+        format_and_tokenize(run, load_squad(run))
 
     state = data_stages(return_state=True)
     assert state.is_completed()

@@ -18,7 +18,7 @@ import mlflow
 import psutil
 import yaml
 
-from tasks.stage import read_manifest
+from tasks.manifest import read_manifest
 from tests.conftest import tiny_config_dict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +68,7 @@ def test_two_runs_started_together_leave_one_valid_result(tmp_path, small_squad_
     assert trained["files"]["adapter/adapter_model.safetensors"]["sha256"] == sha256(adapter)
     # The evaluation scored this adapter, and this adapter is what the registry holds.
     scored = [read_manifest(d) for d in (state / "artifacts" / "eval").iterdir()]
-    (adapter_eval,) = [m for m in scored if m["with_adapter"]]
+    (adapter_eval,) = [m for m in scored if m["adapter"] is not None]
     assert adapter_eval["upstream"][f"train:{trained['key']}"] == trained["content_hash"]
     (shipped,) = state.glob("mlartifacts/**/artifacts/adapter/adapter_model.safetensors")
     assert sha256(shipped) == sha256(adapter)

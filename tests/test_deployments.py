@@ -196,7 +196,7 @@ def alias_version(client, name, alias):
         return None
 
 
-def test_cli_and_deployment_promotions_wait_for_each_other(deployed, tmp_path):
+def test_cli_and_deployment_promotions_wait_for_each_other(deployed, tmp_path, monkeypatch):
     """While another process holds the registry's slot, neither a CLI promotion nor a deployment
     run moves @production; released, they go one at a time: one holder, each history entry
     seeing the one before (v2 and v3 race; v2 ends up holding @production either way)."""
@@ -244,8 +244,10 @@ def test_cli_and_deployment_promotions_wait_for_each_other(deployed, tmp_path):
             break
         time.sleep(1)
     assert alias_version(client, name, "production") == 2
-    from tasks import registry
+    from squadtune import registry
 
+    # set_tracking_uri(None) unsets MLFLOW_TRACKING_URI: monkeypatch puts the session's back.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
     mlflow.set_tracking_uri(server)
     try:
         production = [h for h in registry.read_history(name) if h["alias"] == "production"]

@@ -7,10 +7,11 @@ import pyarrow.compute as pc
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline_config import DataConfig, ModelConfig
+from pipeline_config import DataConfig, ModelConfig, PipelineConfig
+from squadtune.chat_format import END, REFUSAL, ChatEncoder, PromptTooLong, conversation
 from tasks import format_tokenize, load_squad
-from tasks.chat_format import END, REFUSAL, ChatEncoder, PromptTooLong, conversation
-from tasks.stage import StageOutput
+from tasks.manifest import StageOutput
+from tasks.stage import Run
 from tests.conftest import SQUAD_DEV, TOKENIZER_DIR, write_squad
 
 
@@ -18,10 +19,9 @@ def build_stages(root, train_file, **data_overrides):
     settings = {"heldout_fraction": 0.34, "max_seq_len": 256, **data_overrides}
     data = DataConfig(hub_dataset=None, train_files=[str(train_file)], **settings)
     model = ModelConfig(name_or_path=None, tokenizer=str(TOKENIZER_DIR), random_init={})
-    squad = load_squad.STAGE.build(root, "k1", lambda out: load_squad.build(data, out))
-    tok = format_tokenize.STAGE.build(
-        root, "k2", lambda out: format_tokenize.build(squad, data, model, out)
-    )
+    run = Run(config=PipelineConfig(data=data, model=model), state_dir=str(root))
+    squad = load_squad.load_squad.build(run)
+    tok = format_tokenize.format_and_tokenize.build(run, squad)
     return squad, tok
 
 
@@ -52,17 +52,17 @@ def test_supervised_labels_decode_to_gold_answer_and_end(stages):
         assert labels[first:] == ids[first:], "supervised labels equal the input ids"
         assert tokenizer.decode(labels[first:]) == " " + raw["answers"]["text"][0] + END
         assert ids[first - 1] == tokenizer.convert_tokens_to_ids("<|assistant|>")
-        assert row["length"] == len(ids) <= tok_stage.manifest["max_seq_len"]
+        assert row["length"] == len(ids) <= tok_stage.max_seq_len
 
 
 def test_nothing_padded_in_storage(stages):
     _, tok_stage = stages
     train, held = _splits(tok_stage)
-    pad = tok_stage.manifest["pad_token_id"]
+    pad = tok_stage.pad_token_id
     for split in (train, held):
         assert len(set(split["length"])) > 5, "rows keep their own lengths"
         assert not pc.any(pc.equal(pc.list_flatten(split.data.column("input_ids")), pad)).as_py()
-    assert tok_stage.manifest["splits"]["train"]["padding_tokens"] == 0
+    assert tok_stage.splits["train"].padding_tokens == 0
 
 
 def test_batched_encoder_equals_apply_chat_template_on_all_of_squad_dev(tokenizer):
@@ -131,12 +131,12 @@ def test_prompt_too_long_is_refused_when_not_truncating(tokenizer):
 
 def test_train_drops_are_counted_eval_keeps_all(stages):
     squad, tok_stage = stages
-    train = tok_stage.manifest["splits"]["train"]
-    held = tok_stage.manifest["splits"]["eval"]
-    assert train["examples"] - sum(train["dropped"].values()) == train["kept"]
-    assert train["truncated"] >= train["dropped"]["answer outside the kept context window"] > 0
-    assert held["kept"] == held["examples"] == squad.manifest["counts"]["eval"]
-    assert set(train["length_percentiles"]) == {"p0", "p50", "p90", "p99", "p100"}
+    train = tok_stage.splits["train"]
+    held = tok_stage.splits["eval"]
+    assert train.examples - sum(train.dropped.values()) == train.kept
+    assert train.truncated >= train.dropped["answer outside the kept context window"] > 0
+    assert held.kept == held.examples == squad.counts.eval
+    assert set(train.length_percentiles) == {"p0", "p50", "p90", "p99", "p100"}
 
 
 def test_unanswerable_questions_train_the_refusal(tmp_path, squad_doc):
@@ -152,7 +152,7 @@ def test_unanswerable_questions_train_the_refusal(tmp_path, squad_doc):
                                                [paragraph]}, other], version="v2.0")
     squad, tok_stage = build_stages(tmp_path / "state", path, heldout_fraction=0.5, seed=3,
                                     max_seq_len=512)
-    assert squad.manifest["squad_v2"] is True
+    assert squad.squad_v2 is True
     tokenizer = AutoTokenizer.from_pretrained(str(tok_stage.dir / "tokenizer"))
     rows = {r["id"]: r for split in _splits(tok_stage) for r in split}
     labels = [x for x in rows["impossible"]["labels"] if x != -100]
@@ -164,9 +164,9 @@ def test_data_split_by_article(stages):
     train, held = _splits(squad)
     assert set(train["title"]).isdisjoint(held["title"])
     assert not set(train["context"]) & set(held["context"])
-    assert squad.manifest["counts"] == {"train": len(train), "eval": len(held)}
-    assert sorted(set(held["title"])) == squad.manifest["split"]["heldout_titles"]
-    assert squad.manifest["split"]["seed"] == 42
+    assert squad.counts.model_dump() == {"train": len(train), "eval": len(held)}
+    assert sorted(set(held["title"])) == squad.split["heldout_titles"]
+    assert squad.split["seed"] == 42
     assert (squad.dir / "rejected.jsonl").read_text() == ""
 
 
@@ -201,8 +201,7 @@ def test_hub_code_path_with_a_local_dataset_repo(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows[:2]), tmp_path / "repo/data/validation-00000.parquet")
     # Both splits hold the same two questions: this test is about the reading path, not overlap.
     data = DataConfig(hub_dataset=str(tmp_path / "repo"), eval_overlap="allow")
-    out = tmp_path / "out"
-    out.mkdir()
-    manifest = load_squad.build(data, out)
-    assert manifest["counts"] == {"train": 5, "eval": 2}
-    assert manifest["source"] == {"hub_dataset": str(tmp_path / "repo"), "hub_revision": None}
+    run = Run(config=PipelineConfig(data=data), state_dir=str(tmp_path / "state"))
+    squad = load_squad.load_squad.build(run)
+    assert squad.counts.model_dump() == {"train": 5, "eval": 2}
+    assert squad.source == {"hub_dataset": str(tmp_path / "repo"), "hub_revision": None}

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from pipeline_config import load_config, preflight
-from tasks import train
+from tasks.train import TrainJob, train_here
 from tests.conftest import TOKENIZER_DIR, build_until_lora
 
 
@@ -40,9 +40,12 @@ def test_the_recipe_trains_on_cuda(small_squad_file, tmp_path, extra, optimizer)
     stages = build_until_lora(config, tmp_path / "state")
     out = tmp_path / "train"
     out.mkdir()
-    result = train.train(stages["lora"], stages["tokenized"], stages["base"], config.model,
-                         config.quantization, config.training, out)
-    assert result["device"] == "cuda" and result["global_step"] == 4
-    assert result["optimizer"] == optimizer and result["gradient_checkpointing"]
-    assert all(math.isfinite(h["loss"]) for h in result["log_history"] if "loss" in h)
+    job = TrainJob(run=stages["run"], lora=stages["lora"], tokenized=stages["tokenized"],
+                   base=stages["base"])
+    result = train_here(job, out)
+    assert result.device == "cuda" and result.global_step == 4
+    assert result.optimizer == optimizer and result.gradient_checkpointing
+    # train_here writes into `out`; the stage mechanism would set `path` to it.
+    history = result.model_copy(update={"path": str(out)}).log_history()
+    assert all(math.isfinite(h["loss"]) for h in history if "loss" in h)
     assert (out / "adapter" / "adapter_model.safetensors").exists()

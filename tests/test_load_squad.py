@@ -5,10 +5,20 @@ import json
 
 import pytest
 
-from pipeline_config import DataConfig
+from pipeline_config import DataConfig, PipelineConfig
 from tasks import load_squad
 from tasks.load_squad import DataError
+from tasks.stage import Run
 from tests.conftest import write_squad
+
+
+def run_of(cfg: DataConfig, state_dir) -> Run:
+    return Run(config=PipelineConfig(data=cfg), state_dir=str(state_dir))
+
+
+def build(cfg: DataConfig, state_dir):
+    """The data stage built in this process (no Prefect): its `SquadData` output."""
+    return load_squad.load_squad.build(run_of(cfg, state_dir))
 
 
 def article(title, context, qas):
@@ -30,9 +40,9 @@ def good_articles(n=10):
 def test_good_file_loads_and_splits(tmp_path):
     path = write_squad(tmp_path / "ok.json", good_articles())
     cfg = DataConfig(hub_dataset=None, train_files=[str(path)], heldout_fraction=0.2)
-    manifest = load_squad.build(cfg, tmp_path)
-    assert manifest["counts"] == {"train": 8, "eval": 2}
-    assert manifest["rejected"] == {"train": 0, "eval": 0}
+    squad = build(cfg, tmp_path)
+    assert squad.counts.model_dump() == {"train": 8, "eval": 2}
+    assert squad.rejected.model_dump() == {"train": 0, "eval": 0}
 
 
 def test_malformed_records_are_reported_not_dropped_silently(tmp_path):
@@ -45,17 +55,16 @@ def test_malformed_records_are_reported_not_dropped_silently(tmp_path):
     path = write_squad(tmp_path / "mixed.json", arts)
     cfg = DataConfig(hub_dataset=None, train_files=[str(path)], eval_files=[str(path)],
                      max_bad_fraction=0.2, eval_overlap="allow")
-    out = tmp_path / "out"
-    out.mkdir()
-    manifest = load_squad.build(cfg, out)
-    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    squad = build(cfg, tmp_path / "state")
+    rejected = [json.loads(line) for line in (squad.dir / "rejected.jsonl").read_text()
+                .splitlines()]
     reasons = {r["id"]: r["reason"] for r in rejected if r["split"] == "train"}
     assert reasons["b1"] == "empty question"
     assert reasons["b2"] == "answer not in context at answer_start: 'Other' at 0"
     assert reasons["q1"] == "duplicate id"
     assert reasons["b4"] == "no answer"
-    assert manifest["rejected"]["train"] == 4
-    assert manifest["counts"]["train"] == 40
+    assert squad.rejected.train == 4
+    assert squad.counts.train == 40
 
 
 def test_too_many_bad_records_fail_with_threshold_named(tmp_path):
@@ -63,7 +72,7 @@ def test_too_many_bad_records_fail_with_threshold_named(tmp_path):
     path = write_squad(tmp_path / "bad.json", arts)
     cfg = DataConfig(hub_dataset=None, train_files=[str(path)], eval_files=[str(path)])
     with pytest.raises(DataError) as err:
-        load_squad.build(cfg, tmp_path)
+        build(cfg, tmp_path / "state")
     assert "1 of 4 records are malformed, over data.max_bad_fraction=0.01" in str(err.value)
     assert "id 'x': answer not in context" in str(err.value)
 
@@ -95,9 +104,9 @@ def test_truncated_gzip_is_reported(tmp_path):
 def test_source_identity_follows_file_content(tmp_path):
     path = write_squad(tmp_path / "a.json", good_articles())
     cfg = DataConfig(hub_dataset=None, train_files=[str(path)])
-    first = load_squad.stage_key(cfg)
+    first = load_squad.load_squad.key(run_of(cfg, tmp_path / "state"))
     write_squad(path, good_articles(11))
-    assert load_squad.stage_key(cfg) != first
+    assert load_squad.load_squad.key(run_of(cfg, tmp_path / "state")) != first
 
 
 def flat_rows():
@@ -117,12 +126,10 @@ def test_parquet_and_jsonl_in_hub_schema(tmp_path):
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
     cfg = DataConfig(hub_dataset=None, train_files=[str(tmp_path / "train.parquet")],
                      eval_files=[str(tmp_path / "eval.jsonl")], eval_overlap="allow")
-    out = tmp_path / "out"
-    out.mkdir()
-    manifest = load_squad.build(cfg, out)
-    assert manifest["counts"] == {"train": 6, "eval": 2}
+    squad = build(cfg, tmp_path / "state")
+    assert squad.counts.model_dump() == {"train": 6, "eval": 2}
     digest = load_squad.sha256_file(tmp_path / "train.parquet")
-    assert manifest["source"]["train_files"][0] == digest
+    assert squad.source["train_files"][0] == digest
 
 
 def test_flat_file_problems_name_file_and_line(tmp_path):

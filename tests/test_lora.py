@@ -5,7 +5,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from pipeline_config import LoraSettings, QuantizationConfig
-from tasks.modeling import (
+from squadtune.modeling import (
     check_targets,
     count_parameters,
     lora_config,
@@ -26,9 +26,9 @@ def peft(model, settings=None):
     from peft import get_peft_model
 
     settings = settings or LoraSettings(lora_r=4, lora_alpha=8, lora_dropout=0.0)
-    model = prepare_for_training(model, QuantizationConfig(), gradient_checkpointing=False)
+    model = prepare_for_training(model, gradient_checkpointing=False)
     torch.manual_seed(1)
-    return get_peft_model(model, lora_config(settings, NEW_IDS))
+    return get_peft_model(model, lora_config(settings.peft_kwargs(), NEW_IDS))
 
 
 def test_gpt2_small_attention_r32_trainable_count():
@@ -38,8 +38,8 @@ def test_gpt2_small_attention_r32_trainable_count():
     with torch.device("meta"):
         model = GPT2LMHeadModel(GPT2Config(vocab_size=50261))
     settings = LoraSettings()
-    assert check_targets(model, settings) == {"attn.c_attn": 12, "attn.c_proj": 12}
-    peft_model = get_peft_model(model, lora_config(settings, NEW_IDS))
+    assert check_targets(model, settings.target_modules) == {"attn.c_attn": 12, "attn.c_proj": 12}
+    peft_model = get_peft_model(model, lora_config(settings.peft_kwargs(), NEW_IDS))
     assert count_parameters(peft_model)["trainable"] == 1_769_472 + 4 * 768
 
 
@@ -51,7 +51,7 @@ def test_attn_c_proj_does_not_match_the_mlp():
 
 def test_target_that_matches_nothing_is_an_error():
     with pytest.raises(ValueError, match=r"\['attn.q_proj'\] match no module"):
-        check_targets(tiny_gpt2(), LoraSettings(target_modules=["attn.c_attn", "attn.q_proj"]))
+        check_targets(tiny_gpt2(), ["attn.c_attn", "attn.q_proj"])
 
 
 def test_only_adapter_and_new_token_rows_train():
@@ -103,27 +103,40 @@ def test_saved_adapter_reloads_with_identical_logits(tmp_path):
     assert not torch.equal(tiny_gpt2()(input_ids=ids).logits, expected)
 
 
-def test_pretrained_base_from_a_folder_is_resized_for_the_chat_tokens(tmp_path, tokenizer):
+def test_pretrained_base_from_a_folder_is_resized_for_the_chat_tokens(tmp_path, tokenizer,
+                                                                       small_squad_file):
     """The recipe's path (a pretrained GPT-2, hub or folder): embeddings grow by the 4 tokens."""
-    from pipeline_config import ModelConfig
-    from tasks import base_model
-    from tasks.modeling import base_spec, load_base_model
-    from tasks.stage import StageOutput
+    from pipeline_config import PipelineConfig
+    from squadtune.modeling import load_base_model
+    from tasks.base_model import prepare_base_model
+    from tasks.format_tokenize import format_and_tokenize
+    from tasks.load_squad import load_squad
+    from tasks.stage import Run
     from tests.conftest import TOKENIZER_DIR
 
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_layer=1, n_head=2, n_embd=32,
                                n_positions=256)).save_pretrained(tmp_path / "gpt2-folder")
-    cfg = ModelConfig(name_or_path=str(tmp_path / "gpt2-folder"), tokenizer=str(TOKENIZER_DIR))
-    tokenized = StageOutput(stage="tokenized", key="k", path=str(tmp_path),
-                            manifest={"vocab_size": len(tokenizer), "pad_token_id": 50256})
-    manifest = base_model.build(cfg, tokenized, 256, tmp_path)
-    assert manifest["source"] == str(tmp_path / "gpt2-folder") and not manifest["bundled"]
-    assert manifest["n_positions"] == 256
+
+    def stages(max_seq_len, state):
+        config = PipelineConfig.model_validate({
+            "data": {"hub_dataset": None, "train_files": [str(small_squad_file)],
+                     "heldout_fraction": 0.34, "max_seq_len": max_seq_len},
+            "model": {"name_or_path": str(tmp_path / "gpt2-folder"),
+                      "tokenizer": str(TOKENIZER_DIR)},
+        })
+        run = Run(config=config, state_dir=str(tmp_path / state))
+        tokenized = format_and_tokenize.build(run, load_squad.build(run))
+        assert (tokenized.vocab_size, tokenized.pad_token_id) == (len(tokenizer), 50256)
+        return run, tokenized
+
+    base = prepare_base_model.build(*stages(256, "state"))
+    assert base.source == str(tmp_path / "gpt2-folder") and not base.bundled
+    assert base.n_positions == 256
     with pytest.raises(ValueError, match="exceeds the context window"):
-        base_model.build(cfg, tokenized, 512, tmp_path)
-    base = StageOutput(stage="base_model", key="b", path=str(tmp_path), manifest=manifest)
-    model = load_base_model(base_spec(base), QuantizationConfig())
+        # Its own state dir: the base stage's key holds the tokenizer's size, not max_seq_len.
+        prepare_base_model.build(*stages(512, "state-512"))
+    model = load_base_model(base.spec(), QuantizationConfig())
     weight = model.get_input_embeddings().weight
     assert weight.shape[0] == len(tokenizer) == 50261
     assert torch.allclose(weight[50257:].mean(0), weight[:50257].mean(0), atol=0.05)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tasks.metrics import load_squad_metric
+from squadtune.metrics import load_squad_metric
 
 
 @pytest.fixture(scope="module")

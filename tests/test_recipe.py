@@ -7,7 +7,8 @@ import pytest
 from transformers import TrainingArguments
 
 from pipeline_config import ConfigError, TrainingConfig, load_config, preflight
-from tasks import train
+from squadtune.trainer import training_arguments
+from tasks.train import TrainJob, train_here
 from tests.conftest import TOKENIZER_DIR, build_until_lora
 
 # Non-default values for every TrainingConfig field that TrainingArguments carries, and the
@@ -25,23 +26,29 @@ MAPPED = {
     "gradient_checkpointing": (True, "gradient_checkpointing", True),
     "bf16": (True, "bf16", True),
     "fp16": (False, "fp16", False),
-    "group_by_length": (False, "train_sampling_strategy", "random"),
+    "train_sampling_strategy": ("random", "train_sampling_strategy", "random"),
     "logging_steps": (3, "logging_steps", 3),
     "save_steps": (4, "save_steps", 4),
     "eval_steps": (6, "eval_steps", 6),
     "save_total_limit": (1, "save_total_limit", 1),
     "seed": (7, "seed", 7),
 }
-# Fields that are not Trainer settings: where training runs, and the test-only fault injector.
+# Fields that are not Trainer settings: where training runs, and the test-only fault injector;
+# and how the pipeline shapes the Trainer's data (packed paragraphs).
 LAUNCH_ONLY = {"nproc_per_node", "torchrun_args", "deployment", "fail_after_step"}
+DATA_SHAPING = {"share_context"}
 
 
 def test_training_arguments_carry_every_training_field(tmp_path):
-    assert set(TrainingConfig.model_fields) == set(MAPPED) | LAUNCH_ONLY, (
+    assert set(TrainingConfig.model_fields) == set(MAPPED) | LAUNCH_ONLY | DATA_SHAPING, (
         "a new training field must be mapped onto TrainingArguments (or declared launch-only)"
     )
+    assert TrainingConfig.launch_only == LAUNCH_ONLY
+    assert TrainingConfig.data_shaping == DATA_SHAPING
     cfg = TrainingConfig(**{name: value for name, (value, _, _) in MAPPED.items()})
-    args = train.training_arguments(cfg, tmp_path, "cpu", has_eval=True, distributed=False)
+    # Every field but the launch-only ones goes to TrainingArguments, under its own name.
+    assert set(cfg.trainer_kwargs()) == set(MAPPED)
+    args = training_arguments(cfg.trainer_kwargs(), tmp_path, "cpu", distributed=False)
     assert isinstance(args, TrainingArguments)
     for name, (_, attribute, expected) in MAPPED.items():
         actual = getattr(args, attribute)
@@ -50,8 +57,14 @@ def test_training_arguments_carry_every_training_field(tmp_path):
     assert args.data_seed == 7 and args.eval_strategy.value == "steps"
     assert args.per_device_eval_batch_size == 3 and args.use_cpu
     # A whole number of warmup steps stays a step count, not a ratio.
-    whole = train.training_arguments(TrainingConfig(warmup_steps=5), tmp_path, "cpu", False, False)
+    whole = training_arguments(TrainingConfig(warmup_steps=5).trainer_kwargs(), tmp_path, "cpu",
+                               False)
     assert whole.warmup_steps == 5 and whole.eval_strategy.value == "no"
+    assert whole.get_warmup_steps(1000) == 5
+    # A field TrainingArguments does not take is refused, not silently dropped.
+    with pytest.raises(TypeError, match="not_a_trainer_field"):
+        training_arguments({**cfg.trainer_kwargs(), "not_a_trainer_field": 1}, tmp_path, "cpu",
+                           False)
 
 
 def recipe_on_cpu(train_file: Path, state_dir: Path):
@@ -99,16 +112,19 @@ def test_the_recipe_as_written_trains_through_the_trainer_on_cpu(small_squad_fil
     stages = build_until_lora(config, tmp_path / "state")
     out = tmp_path / "train"
     out.mkdir()
-    result = train.train(stages["lora"], stages["tokenized"], stages["base"], config.model,
-                         q, t, out)
-    assert result["global_step"] == 4 and result["device"] == "cpu"
-    assert result["gradient_checkpointing"] is True
+    job = TrainJob(run=stages["run"], lora=stages["lora"], tokenized=stages["tokenized"],
+                   base=stages["base"])
+    result = train_here(job, out)
+    assert result.global_step == 4 and result.device == "cpu"
+    assert result.gradient_checkpointing is True
     # The Trainer's own CPU stand-in for paged_adamw_8bit: bitsandbytes' 8-bit AdamW, not paged.
-    assert result["optimizer"] == "bitsandbytes.optim.adamw.AdamW (8-bit state)"
-    logged = [h for h in result["log_history"] if "loss" in h]
+    assert result.optimizer == "bitsandbytes.optim.adamw.AdamW (8-bit state)"
+    # train_here writes into `out`; the stage mechanism would set `path` to it.
+    history = result.model_copy(update={"path": str(out)}).log_history()
+    logged = [h for h in history if "loss" in h]
     assert [h["step"] for h in logged] == [1, 2, 3, 4]
     assert all(math.isfinite(h["loss"]) for h in logged)
-    assert [h["step"] for h in result["log_history"] if "eval_loss" in h] == [2, 4]
+    assert [h["step"] for h in history if "eval_loss" in h] == [2, 4]
     # Cosine after a warmup of 3% of 4 steps (one step), as transformers computes it.
     steps, warmup, peak = 4, math.ceil(0.03 * 4), t.learning_rate
     for h in logged:
@@ -117,5 +133,5 @@ def test_the_recipe_as_written_trains_through_the_trainer_on_cpu(small_squad_fil
             1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
         assert h["learning_rate"] == pytest.approx(expected, rel=1e-6, abs=1e-12), h
     # 16 x 2 examples per step: every step saw two micro-batches' worth of tokens.
-    assert result["tokens_seen"] > 4 * 16
+    assert result.tokens_seen > 4 * 16
     assert (out / "adapter" / "adapter_model.safetensors").exists()

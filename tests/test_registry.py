@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from pipeline_config import InputError
-from tasks import registry
-from tasks.gate import Gate, PromotionRefused, paired_bootstrap
+from squadtune import registry
+from squadtune.gate import Gate, PromotionRefused, paired_bootstrap
 
 NAME = "gate-test"
 QUESTIONS = 20

@@ -35,12 +35,12 @@ def register_untrained(config: PipelineConfig, root: Path) -> dict:
     run_id = client.create_run(experiment).info.run_id
     out = root / "register"
     out.mkdir()
-    artifacts = register.model_files(
-        stages["lora"], stages["tokenized"], stages["base"], config.model, config.quantization,
-        config.evaluation, out,
-    )
+    run = stages["run"].model_copy(update={"mlflow_run_id": run_id})
+    # The initial adapter (`LoraInit`) has a trained adapter's layout: `adapter_dir`.
+    artifacts = register.model_files(run, stages["tokenized"], stages["base"], stages["lora"], out)
     tags = {**LINEAGE, "squadtune.adapter_key": stages["lora"].key}
-    return {**register.log_and_register(artifacts, out, config, run_id, tags), **stages}
+    registration = register.log_and_register(run, artifacts, out, tags)
+    return {**registration.model_dump(), **stages, "run": run}
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +56,9 @@ def registered(small_squad_file, tmp_path_factory):
     try:
         yield {**register_untrained(config, root), "config": config, "root": root, "uri": uri}
     finally:
-        os.environ["MLFLOW_TRACKING_URI"] = previous
+        # `set_tracking_uri(None)` unsets MLFLOW_TRACKING_URI: restore the session's after it.
         mlflow.set_tracking_uri(None)
+        os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
 def test_version_is_a_logged_model_of_the_run_with_its_signature(registered):
@@ -76,12 +77,20 @@ def test_version_is_a_logged_model_of_the_run_with_its_signature(registered):
 
 
 def test_model_ships_only_the_code_it_imports(registered, tmp_path):
+    from tasks import register
+
     files = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}@candidate",
                                                      dst_path=str(tmp_path)))
     code = sorted(str(p.relative_to(files / "code")) for p in (files / "code").rglob("*.py"))
-    assert {"tasks/modeling.py", "tasks/chat_format.py", "pipeline_config/schema.py"} <= set(code)
+    assert {"squadtune/modeling.py", "squadtune/chat_format.py"} <= set(code)
+    # Only the Prefect-free core: no pipeline config, no stage code.
+    assert all(path.startswith("squadtune/") for path in code), code
+    assert code == register.serving_modules()
     for stage in ("train", "register", "evaluate", "load_squad", "stage", "tracking", "report"):
         assert f"tasks/{stage}.py" not in code, stage
+    for module in ("trainer", "shared_training", "checkpoints", "squad_io", "registry", "gate"):
+        assert f"squadtune/{module}.py" not in code, module  # the core's training side
+    assert not [path for path in code if path.startswith("squadtune/metrics/")]
     assert not list((files / "code").rglob("*.yaml")), "no configs in the served model"
     for name in ("adapter", "tokenizer", "model"):  # the layout plain PEFT users download
         assert (files / "artifacts" / name).is_dir(), name
@@ -95,8 +104,9 @@ import mlflow, pandas as pd, json
 model = mlflow.pyfunc.load_model("models:/{name}@candidate")
 out = model.predict(pd.DataFrame({{"context": ["Paris is in France."], "question": ["Where?"]}}),
                     params={{"max_new_tokens": 3}})
-import tasks
-print(json.dumps({{"tasks_from": tasks.__file__, "out": out.to_dict("records")}}))
+import squadtune
+print(json.dumps({{"squadtune_from": squadtune.__file__, "out": out.to_dict("records"),
+                  "imported": sorted({{m.split(".")[0] for m in sys.modules}})}}))
 """
 
 
@@ -110,20 +120,23 @@ def test_model_loads_and_answers_with_nothing_but_its_own_code(registered, tmp_p
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert not result["tasks_from"].startswith(root), "imported from the checkout, not the model"
+    assert not result["squadtune_from"].startswith(root), (
+        "imported from the checkout, not the model"
+    )
+    assert "tasks" not in result["imported"] and "pipeline_config" not in result["imported"]
     assert result["out"][0]["context_truncated"] is False
 
 
 def test_long_context_is_cut_as_evaluation_cuts_it_and_said_so(registered, squad_doc):
     """A real paragraph longer than the prompt budget (320 tokens here, 587 in the issue) is
     answered, not refused, exactly as the eval stage's `generate_answers` answers it."""
-    from tasks.modeling import generate_answers
+    from squadtune.modeling import Generation, generate_answers
 
     served = mlflow.pyfunc.load_model(f"models:/{MODEL}@candidate")
     python_model = served.unwrap_python_model()
     tokens = python_model.tokenizer
     paragraphs = [p["context"] for a in squad_doc["data"][:20] for p in a["paragraphs"]]
-    from tasks.chat_format import ChatEncoder
+    from squadtune.chat_format import ChatEncoder
 
     question = "What is it about?"
     whole = ChatEncoder(tokens).prompts(paragraphs, [question] * len(paragraphs), 10**9, False)
@@ -136,8 +149,8 @@ def test_long_context_is_cut_as_evaluation_cuts_it_and_said_so(registered, squad
     assert list(out["context_truncated"]) == [True, False]
     evaluated = generate_answers(
         python_model.model, tokens, list(frame["context"]), list(frame["question"]),
-        max_new_tokens=4, batch_size=8,
-        max_prompt_tokens=registered["tokenized"].manifest["max_seq_len"],
+        Generation(max_new_tokens=4, batch_size=8,
+                   max_prompt_tokens=registered["tokenized"].max_seq_len),
     )
     assert list(out["answer"]) == evaluated
     with pytest.raises(mlflow.exceptions.MlflowException, match="max_new_tokens is 0"):

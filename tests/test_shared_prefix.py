@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks import shared_prefix, shared_training
-from tasks.chat_format import END, USER, ChatEncoder, PromptTooLong
-from tasks.modeling import generate_answers
+from squadtune import shared_prefix, shared_training
+from squadtune.chat_format import END, USER, ChatEncoder, PromptTooLong
+from squadtune.modeling import Generation, generate_answers
 
 MAX_NEW = 6
 
@@ -36,7 +36,7 @@ def tiny_model(tokenizer, path, quantized: bool):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from pipeline_config import LoraSettings, QuantizationConfig
-    from tasks.modeling import load_base_model, lora_config
+    from squadtune.modeling import load_base_model, lora_config
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_embd=64,
@@ -47,7 +47,7 @@ def tiny_model(tokenizer, path, quantized: bool):
     model.save_pretrained(path)
     quant = QuantizationConfig(load_in_4bit=quantized, bnb_4bit_compute_dtype="float32")
     base = load_base_model({"source": str(path), "vocab_size": len(tokenizer)}, quant, device="cpu")
-    peft = get_peft_model(base, lora_config(LoraSettings(lora_r=8)))
+    peft = get_peft_model(base, lora_config(LoraSettings(lora_r=8).peft_kwargs()))
     with torch.no_grad():
         for name, param in peft.named_parameters():
             if "lora_B" in name:
@@ -105,10 +105,10 @@ def test_shared_generation_equals_batched_on_dev_questions(models, tokenizer, de
     contexts = [r["context"] for r in dev_rows]
     questions = [r["question"] for r in dev_rows]
     kwargs = {"max_new_tokens": MAX_NEW, "batch_size": 6, "max_prompt_tokens": max_prompt_tokens}
-    batched = generate_answers(model, tokenizer, contexts, questions, shared_prefix=False,
-                               **kwargs)
-    shared = generate_answers(model, tokenizer, contexts, questions, shared_prefix=True,
-                              **kwargs)
+    batched = generate_answers(model, tokenizer, contexts, questions,
+                               Generation(shared_prefix=False, **kwargs))
+    shared = generate_answers(model, tokenizer, contexts, questions,
+                              Generation(shared_prefix=True, **kwargs))
     assert shared == batched
     empty = sum(not a for a in batched)
     assert 5 < empty < len(batched) - 5, "some answers stop at once, others go on"
@@ -119,12 +119,13 @@ def test_shared_generation_keeps_window_rules(models, tokenizer, dev_rows):
     row = dev_rows[0]
     with pytest.raises(PromptTooLong):
         generate_answers(model, tokenizer, [row["context"]], [row["question"]],
-                         max_new_tokens=MAX_NEW, batch_size=4, max_prompt_tokens=60,
-                         truncate=False)
+                         Generation(max_new_tokens=MAX_NEW, batch_size=4, max_prompt_tokens=60,
+                                    truncate=False))
     with pytest.raises(ValueError, match="leaves no room"):
         generate_answers(model, tokenizer, [row["context"]], [row["question"]],
-                         max_new_tokens=600, batch_size=4)
-    assert generate_answers(model, tokenizer, [], [], max_new_tokens=MAX_NEW, batch_size=4) == []
+                         Generation(max_new_tokens=600, batch_size=4))
+    assert generate_answers(model, tokenizer, [], [],
+                            Generation(max_new_tokens=MAX_NEW, batch_size=4)) == []
 
 
 @pytest.mark.parametrize("quantized", BOTH)
@@ -206,7 +207,7 @@ def trainable_model(tokenizer, path, quantized=False, attn="sdpa"):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from pipeline_config import LoraSettings, QuantizationConfig
-    from tasks.modeling import load_base_model, lora_config, prepare_for_training
+    from squadtune.modeling import load_base_model, lora_config, prepare_for_training
 
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_embd=64, n_head=2,
@@ -214,8 +215,9 @@ def trainable_model(tokenizer, path, quantized=False, attn="sdpa"):
     quant = QuantizationConfig(load_in_4bit=quantized, bnb_4bit_compute_dtype="float32")
     base = load_base_model({"source": str(path), "vocab_size": len(tokenizer)}, quant, device="cpu")
     base.set_attn_implementation(attn)
-    base = prepare_for_training(base, quant, gradient_checkpointing=False)
-    model = get_peft_model(base, lora_config(LoraSettings(lora_r=8, lora_dropout=0.0)))
+    base = prepare_for_training(base, gradient_checkpointing=False)
+    model = get_peft_model(base, lora_config(LoraSettings(lora_r=8, lora_dropout=0.0)
+                                             .peft_kwargs()))
     with torch.no_grad():  # B = 0 would leave every A gradient zero
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -226,10 +228,10 @@ def trainable_model(tokenizer, path, quantized=False, attn="sdpa"):
 def answer_only(model, path):
     from transformers import TrainingArguments
 
-    from tasks import train
+    from squadtune.trainer import answer_only_trainer
 
     args = TrainingArguments(output_dir=str(path), use_cpu=True, report_to="none")
-    return train.answer_only_trainer()(model=model, args=args)
+    return answer_only_trainer()(model=model, args=args)
 
 
 def lora_grads(model):
@@ -240,7 +242,7 @@ def lora_grads(model):
 def test_packed_loss_and_gradients_equal_unshared(tokenized, tokenizer, tmp_path, attn):
     """Through the train stage's own loss: each example's loss, the batch loss and the LoRA
     gradients are those of the unshared rows."""
-    from tasks import train
+    from squadtune.trainer import collator
 
     rows = tokenized.select(range(12))
     user = tokenizer.convert_tokens_to_ids(USER)
@@ -248,7 +250,7 @@ def test_packed_loss_and_gradients_equal_unshared(tokenized, tokenizer, tmp_path
     assert 1 < len(packed) < len(rows) and max(packed["examples"]) >= 3
     model = trainable_model(tokenizer, tmp_path / "base", attn=attn)
     trainer = answer_only(model, tmp_path / "out")
-    plain = train.collator(tokenizer, None)([dict(r) for r in rows])
+    plain = collator(tokenizer, None)([dict(r) for r in rows])
     shared = shared_training.PackedCollator(tokenizer.pad_token_id)([dict(p) for p in packed])
     width = shared["input_ids"].shape[1]
     assert shared["attention_mask"].shape == (len(packed), 1, width, width)
@@ -290,7 +292,8 @@ def test_f1_callback_logs_during_real_training_on_a_4bit_base(
     eval-mode generation (the bitsandbytes CPU repacking trap)."""
     from transformers import TrainingArguments
 
-    from tasks import evaluate, train
+    from squadtune.metrics import score
+    from squadtune.trainer import answer_only_trainer
 
     user = tokenizer.convert_tokens_to_ids(USER)
     packed = shared_training.pack_paragraphs(tokenized, max_seq_len=384, branch_token_id=user)
@@ -298,7 +301,7 @@ def test_f1_callback_logs_during_real_training_on_a_4bit_base(
                                                            "answers")}
     model = trainable_model(tokenizer, tmp_path / "base", quantized=True)
     logged = []
-    generation = {"max_new_tokens": 4, "batch_size": 6, "max_prompt_tokens": 384}
+    generation = Generation(max_new_tokens=4, batch_size=6, max_prompt_tokens=384)
     callback = shared_training.f1_callback(
         tokenizer, heldout, lambda metrics, step: logged.append((step, metrics)), generation,
         every_steps=2,
@@ -310,7 +313,7 @@ def test_f1_callback_logs_during_real_training_on_a_4bit_base(
         save_strategy="no", logging_steps=1, disable_tqdm=True,
     )
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    trainer = train.answer_only_trainer()(
+    trainer = answer_only_trainer()(
         model=model, args=args, train_dataset=packed,
         data_collator=shared_training.PackedCollator(tokenizer.pad_token_id),
         callbacks=[callback],
@@ -325,6 +328,6 @@ def test_f1_callback_logs_during_real_training_on_a_4bit_base(
                if p.requires_grad and "lora_B" in n), "all four steps trained"
     model.eval()
     answers = generate_answers(model, tokenizer, heldout["context"], heldout["question"],
-                               **generation)
-    final = evaluate.score(heldout["id"], heldout["answers"], answers, "n/a")
+                               generation)
+    final = score(heldout["id"], heldout["answers"], answers, "n/a")
     assert logged[-1][1] == {"eval/exact_match": final["exact_match"], "eval/f1": final["f1"]}

@@ -13,44 +13,50 @@ from pathlib import Path
 
 import pytest
 
+from pipeline_config import PipelineConfig
 from tasks.lease import lease
-from tasks.stage import Stage, StaleInput, sweep_scratch
+from tasks.manifest import StageOutput, StaleInput
+from tasks.stage import Run, Stage, sweep_scratch
 
 ROOT = Path(__file__).resolve().parent.parent
-ADAPTER = Stage("train", "1", content=("adapter/",), scratch=("checkpoints/",))
-SCORES = Stage("eval", "1")
-REGISTER = Stage("register", "1")
+ADAPTER = Stage("train", "1", StageOutput, content=("adapter/",), scratch=("checkpoints/",))
+SCORES = Stage("eval", "1", StageOutput)
+REGISTER = Stage("register", "1", StageOutput)
+
+
+def run_in(state_dir: Path) -> Run:
+    return Run(config=PipelineConfig(), state_dir=str(state_dir))
 
 
 def adapter(text: str, log: str = ""):
-    def produce(out: Path) -> dict:
+    def produce(out: Path) -> StageOutput:
         (out / "adapter").mkdir()
         (out / "adapter" / "weights.bin").write_text(text)
         (out / "train_result.json").write_text(f'{{"run": "{log}"}}')  # not content
         (out / "checkpoints").mkdir()
         (out / "checkpoints" / "step-1").write_text("scratch")
-        return {}
+        return StageOutput()
     return produce
 
 
-def scored(out: Path) -> dict:
+def scored(out: Path) -> StageOutput:
     (out / "metrics.json").write_text('{"f1": 1}')
-    return {}
+    return StageOutput()
 
 
 def test_manifest_lists_files_and_only_content_files_make_the_identity(tmp_path):
-    first = ADAPTER.build(tmp_path, "k", adapter("w1", log="run-a"), inputs=[])
-    files = first.manifest["files"]
+    first = ADAPTER.build(run_in(tmp_path), "k", adapter("w1", log="run-a"), inputs=[])
+    files = first.files
     assert set(files) == {"adapter/weights.bin", "train_result.json"}, "checkpoints are scratch"
     assert files["adapter/weights.bin"]["size"] == 2 and len(files["adapter/weights.bin"][
         "sha256"]) == 64
-    other = ADAPTER.build(tmp_path, "k2", adapter("w1", log="run-b"), inputs=[])
-    assert other.manifest["content_hash"] == first.manifest["content_hash"]
+    other = ADAPTER.build(run_in(tmp_path), "k2", adapter("w1", log="run-b"), inputs=[])
+    assert other.content_hash == first.content_hash
 
 
 @pytest.mark.parametrize("fault", ["delete", "truncate", "same size, other bytes"])
 def test_a_damaged_output_is_not_finished_and_rebuilds(tmp_path, fault):
-    built = ADAPTER.build(tmp_path, "k", adapter("weights"), inputs=[])
+    built = ADAPTER.build(run_in(tmp_path), "k", adapter("weights"), inputs=[])
     path = built.dir / "adapter" / "weights.bin"
     if fault == "delete":
         path.unlink()
@@ -59,47 +65,48 @@ def test_a_damaged_output_is_not_finished_and_rebuilds(tmp_path, fault):
     else:
         path.write_text("WEIGHTS")
     assert ADAPTER.finished(tmp_path, "k") is None
-    rebuilt = ADAPTER.build(tmp_path, "k", adapter("weights"), inputs=[])
+    rebuilt = ADAPTER.build(run_in(tmp_path), "k", adapter("weights"), inputs=[])
     assert path.read_text() == "weights"
-    assert rebuilt.manifest["content_hash"] == built.manifest["content_hash"]
+    assert rebuilt.content_hash == built.content_hash
 
 
 def test_dependants_rebuild_only_when_an_input_comes_back_with_other_content(tmp_path):
-    train = ADAPTER.build(tmp_path, "k", adapter("w1"), inputs=[])
-    SCORES.build(tmp_path, "e", scored, inputs=[train])
+    train = ADAPTER.build(run_in(tmp_path), "k", adapter("w1"), inputs=[])
+    SCORES.build(run_in(tmp_path), "e", scored, inputs=[train])
 
     (train.dir / "adapter" / "weights.bin").unlink()
-    same = ADAPTER.build(tmp_path, "k", adapter("w1"), inputs=[])
+    same = ADAPTER.build(run_in(tmp_path), "k", adapter("w1"), inputs=[])
     assert SCORES.finished(tmp_path, "e", [same]) is not None, "identical content: still cached"
 
     (train.dir / "adapter" / "weights.bin").unlink()
-    other = ADAPTER.build(tmp_path, "k", adapter("w2"), inputs=[])
+    other = ADAPTER.build(run_in(tmp_path), "k", adapter("w2"), inputs=[])
     assert SCORES.finished(tmp_path, "e", [other]) is None, "scored another adapter"
     calls = []
-    SCORES.build(tmp_path, "e", lambda out: calls.append(1) or scored(out), inputs=[other])
+    SCORES.build(run_in(tmp_path), "e", lambda out: calls.append(1) or scored(out),
+                 inputs=[other])
     assert calls == [1]
 
 
 def test_registering_refuses_an_adapter_other_than_the_one_evaluated_or_on_disk(tmp_path):
-    train = ADAPTER.build(tmp_path, "k", adapter("w1"), inputs=[])
-    scores = SCORES.build(tmp_path, "e", scored, inputs=[train])
+    train = ADAPTER.build(run_in(tmp_path), "k", adapter("w1"), inputs=[])
+    scores = SCORES.build(run_in(tmp_path), "e", scored, inputs=[train])
     # Another run rewrote the adapter after evaluation scored it (same size, other weights).
     (train.dir / "adapter" / "weights.bin").write_text("w2")
     registered = []
     with pytest.raises(StaleInput, match=r"input train:k .* adapter/weights.bin changed content"):
-        REGISTER.build(tmp_path, "r", lambda out: registered.append(1) or {},
+        REGISTER.build(run_in(tmp_path), "r", lambda out: registered.append(1) or StageOutput(),
                        inputs=[train, scores])
     assert not registered and REGISTER.finished(tmp_path, "r") is None
     assert not list((tmp_path / "artifacts" / "register").glob("*partial*"))
 
 
 def test_a_failed_build_leaves_no_scratch_and_dead_scratch_is_swept(tmp_path):
-    def fails(out: Path) -> dict:
+    def fails(out: Path) -> StageOutput:
         (out / "big.bin").write_bytes(b"0" * 1000)
         raise RuntimeError("registry unreachable")
 
     with pytest.raises(RuntimeError):
-        REGISTER.build(tmp_path, "r", fails, inputs=[])
+        REGISTER.build(run_in(tmp_path), "r", fails, inputs=[])
     folder = tmp_path / "artifacts" / "register"
     assert list(folder.iterdir()) == []
     # Left by a process killed with SIGKILL (no `finally` ran): its lease is free.
@@ -122,7 +129,9 @@ def test_a_failed_build_leaves_no_scratch_and_dead_scratch_is_swept(tmp_path):
 BUILDER = """
 import sys, time
 from pathlib import Path
-from tasks.stage import Stage
+from pipeline_config import PipelineConfig
+from tasks.manifest import StageOutput
+from tasks.stage import Run, Stage
 
 def produce(out):
     with open(sys.argv[2], "a") as log:
@@ -130,11 +139,11 @@ def produce(out):
     time.sleep(3)  # long enough for the other process to find the lease held
     (out / "adapter").mkdir()
     (out / "adapter" / "weights.bin").write_text("w")
-    return {}
+    return StageOutput()
 
-done = Stage("train", "1", content=("adapter/",)).build(sys.argv[1], "k", produce,
-                                                         in_place=True, inputs=[])
-print("content", done.manifest["content_hash"])
+stage = Stage("train", "1", StageOutput, content=("adapter/",), in_place=True)
+done = stage.build(Run(config=PipelineConfig(), state_dir=sys.argv[1]), "k", produce, inputs=[])
+print("content", done.content_hash)
 """
 
 

@@ -15,8 +15,10 @@ from safetensors.torch import load_file
 from transformers import BitsAndBytesConfig
 
 from pipeline_config import LoraSettings, PipelineConfig, QuantizationConfig
-from tasks import train
-from tasks.modeling import bnb_config, lora_config
+from squadtune import trainer as train
+from squadtune.modeling import bnb_config, lora_config
+from tasks.stage import Run
+from tasks.train import TrainJob, train_adapter, train_here
 from tests.conftest import ROOT, build_until_lora, task_states, tiny_config_dict
 
 
@@ -34,14 +36,20 @@ def test_bnb_config_converter():
 
 
 def test_lora_config_converter():
-    cfg = lora_config(LoraSettings(lora_r=8, lora_alpha=16, lora_dropout=0.1, bias="lora_only"),
-                      [50257, 50258])
+    cfg = lora_config(LoraSettings(lora_r=8, lora_alpha=16, lora_dropout=0.1, bias="lora_only")
+                      .peft_kwargs(), [50257, 50258])
     assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.bias) == (8, 16, 0.1, "lora_only")
     assert set(cfg.target_modules) == {"attn.c_attn", "attn.c_proj"}
     assert cfg.fan_in_fan_out and cfg.task_type == "CAUSAL_LM"
     assert cfg.trainable_token_indices == [50257, 50258]
-    frozen = lora_config(LoraSettings(train_new_tokens=False), [50257])
+    frozen = lora_config(LoraSettings(train_new_tokens=False).peft_kwargs(), [50257])
     assert frozen.trainable_token_indices is None
+
+
+def job(stages: dict, config: PipelineConfig) -> TrainJob:
+    """A training job on the built stages, with `config` (its training and quantization)."""
+    return TrainJob(run=stages["run"].model_copy(update={"config": config}), lora=stages["lora"],
+                    tokenized=stages["tokenized"], base=stages["base"])
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +65,15 @@ def test_answer_only_loss_equals_the_full_causal_lm_loss(stages):
     from peft import PeftModel
     from transformers import AutoTokenizer, TrainingArguments
 
-    from tasks.modeling import base_spec, load_base_model, prepare_for_training
+    from squadtune.modeling import load_base_model, prepare_for_training
 
     config, s = stages
-    tokenizer = AutoTokenizer.from_pretrained(str(s["tokenized"].dir / "tokenizer"))
-    rows = load_from_disk(str(s["tokenized"].dir / "train")).select(range(6))
+    tokenizer = AutoTokenizer.from_pretrained(str(s["tokenized"].tokenizer_dir))
+    rows = load_from_disk(str(s["tokenized"].split_dir("train"))).select(range(6))
     batch = train.collator(tokenizer, None)(list(rows))
-    model = load_base_model(base_spec(s["base"]), QuantizationConfig())
-    model = prepare_for_training(model, QuantizationConfig(), False)
-    model = PeftModel.from_pretrained(model, str(s["lora"].dir / "adapter")).eval()
+    model = load_base_model(s["base"].spec(), QuantizationConfig())
+    model = prepare_for_training(model, False)
+    model = PeftModel.from_pretrained(model, str(s["lora"].adapter_dir)).eval()
     trainer = train.answer_only_trainer()(
         model=model, args=TrainingArguments(output_dir="/tmp/unused", use_cpu=True,
                                             report_to="none"),
@@ -83,9 +91,11 @@ def test_answer_only_loss_equals_the_full_causal_lm_loss(stages):
 def test_eight_bit_base_trains_on_cpu(stages, tmp_path):
     config, s = stages
     quant = QuantizationConfig(load_in_8bit=True)
-    manifest = train.train(s["lora"], s["tokenized"], s["base"], config.model, quant,
-                           config.training.model_copy(update={"max_steps": 2}), tmp_path)
-    assert manifest["global_step"] == 2 and manifest["final_loss"] > 0
+    eight_bit = config.model_copy(update={
+        "quantization": quant, "training": config.training.model_copy(update={"max_steps": 2}),
+    })
+    adapter = train_here(job(s, eight_bit), tmp_path)
+    assert adapter.global_step == 2 and adapter.final_loss > 0
     assert (tmp_path / "loss_curve.png").stat().st_size > 1000
 
 
@@ -96,7 +106,7 @@ def test_two_gloo_ranks_reach_the_adapter_of_one_process_with_twice_the_batch(
     writes the adapter and logs to MLflow."""
     from peft import PeftModel, get_peft_model_state_dict
 
-    from tasks.modeling import base_spec, load_base_model
+    from squadtune.modeling import load_base_model
 
     raw = tiny_config_dict(small_squad_file, tmp_path / "state")
     raw["lora"]["lora_dropout"] = 0.0  # the two runs draw different dropout masks otherwise
@@ -115,28 +125,29 @@ def test_two_gloo_ranks_reach_the_adapter_of_one_process_with_twice_the_batch(
     # examples differently for batch 2 and batch 4; plain shuffling orders them the same. Plain SGD:
     # Adam turns the first steps' near-zero LoRA gradients into full-size updates of their sign,
     # which would magnify float rounding into differences that say nothing about the batches.
-    same = {"max_steps": 3, "group_by_length": False, "optim": "sgd", "learning_rate": 0.5,
-            "lr_scheduler_type": "constant", "warmup_steps": 0}
+    same = {"max_steps": 3, "train_sampling_strategy": "random", "optim": "sgd",
+            "learning_rate": 0.5, "lr_scheduler_type": "constant", "warmup_steps": 0}
+
+    def training(**update) -> PipelineConfig:
+        return config.model_copy(
+            update={"training": config.training.model_copy(update={**same, **update})}
+        )
+
     ddp = tmp_path / "ddp"
     ddp.mkdir()
-    manifest = train.run_stage(
-        s["lora"], s["tokenized"], s["base"], config.model, config.quantization,
-        config.training.model_copy(update={**same, "nproc_per_node": 2,
-                                           "per_device_train_batch_size": 2}),
-        ddp, run_id,
-    )
-    assert manifest["world_size"] == 2 and manifest["global_step"] == 3
+    ranks = job(s, training(nproc_per_node=2, per_device_train_batch_size=2))
+    # The stage's own body (no cache): nproc_per_node > 1 launches the ranks with torchrun.
+    distributed = train_adapter.fn(ranks.run.model_copy(update={"mlflow_run_id": run_id}),
+                                   ranks.lora, ranks.tokenized, ranks.base, out=ddp)
+    assert distributed.world_size == 2 and distributed.global_step == 3
     losses = client.get_metric_history(run_id, "train/loss")
     assert sorted(m.step for m in losses) == [1, 2, 3], "one rank logs, once per step"
     one = tmp_path / "one"
     one.mkdir()
-    single = train.train(
-        s["lora"], s["tokenized"], s["base"], config.model, config.quantization,
-        config.training.model_copy(update={**same, "per_device_train_batch_size": 4}), one,
-    )
-    assert single["tokens_seen"] == manifest["tokens_seen"], "the same examples"
+    single = train_here(job(s, training(per_device_train_batch_size=4)), one)
+    assert single.tokens_seen == distributed.tokens_seen, "the same examples"
 
-    initial = load_file(str(s["lora"].dir / "adapter" / "adapter_model.safetensors"))
+    initial = load_file(str(s["lora"].adapter_dir / "adapter_model.safetensors"))
     trained = load_file(str(ddp / "adapter" / "adapter_model.safetensors"))
     reference = load_file(str(one / "adapter" / "adapter_model.safetensors"))
     assert any(not torch.equal(initial[k], trained[k]) for k in initial), "training moved nothing"
@@ -147,30 +158,32 @@ def test_two_gloo_ranks_reach_the_adapter_of_one_process_with_twice_the_batch(
         assert torch.allclose(ddp_update, one_update, rtol=1e-3, atol=1e-7), k
     # The adapter loads with plain PEFT, and what it loads is what rank 0 saved.
     model = PeftModel.from_pretrained(
-        load_base_model(base_spec(s["base"]), config.quantization), str(ddp / "adapter")
+        load_base_model(s["base"].spec(), config.quantization), str(ddp / "adapter")
     )
     loaded = get_peft_model_state_dict(model)
     assert loaded.keys() == trained.keys()
     assert all(torch.equal(loaded[k], trained[k]) for k in trained)
 
 
-def finished_output(state_dir, stage: str):
-    """The one finished output of `stage` under `state_dir`, as the flow would hand it on."""
-    from tasks.stage import StageOutput, read_manifest
+def finished_output(state_dir, stage):
+    """The one finished output of `stage` (a stage function) under `state_dir`, as the flow
+    would hand it on."""
+    from tasks.manifest import read_manifest
 
-    (directory,) = [d for d in (state_dir / "artifacts" / stage).iterdir() if read_manifest(d)]
-    manifest = read_manifest(directory)
-    return StageOutput(stage=stage, key=manifest["key"], path=str(directory), manifest=manifest)
+    folder = state_dir / "artifacts" / stage.spec.name
+    (directory,) = [d for d in folder.iterdir() if read_manifest(d)]
+    output = stage.spec.finished(state_dir, directory.name)
+    assert output is not None, stage.spec.load(state_dir, directory.name)
+    return output
 
 
-# Passes on its own (`pytest -m slow -k sigkill`); in the full default run its in-process MLflow
-# client found no experiment the killed CLI process had written to. Run with `make test-all`
-# until that interaction is understood.
-@pytest.mark.slow
 def test_flow_killed_with_sigkill_after_an_epoch_resumes_to_the_uninterrupted_adapter(
     small_squad_file, tmp_path, prefect_harness
 ):
     from flows.finetune import finetune
+    from tasks.base_model import prepare_base_model
+    from tasks.format_tokenize import format_and_tokenize
+    from tasks.lora import apply_lora
 
     raw = tiny_config_dict(small_squad_file, tmp_path / "state")
     raw["training"].update(max_steps=48, save_steps=4, logging_steps=4)
@@ -223,9 +236,10 @@ def test_flow_killed_with_sigkill_after_an_epoch_resumes_to_the_uninterrupted_ad
     # The same stages trained without interruption reach the same adapter, bit for bit.
     reference = tmp_path / "uninterrupted"
     reference.mkdir()
-    train.train(finished_output(state_dir, "lora_init"), finished_output(state_dir, "tokenized"),
-                finished_output(state_dir, "base_model"), config.model, config.quantization,
-                config.training, reference)
+    train_here(TrainJob(run=Run(config=config, state_dir=str(state_dir)),
+                        lora=finished_output(state_dir, apply_lora),
+                        tokenized=finished_output(state_dir, format_and_tokenize),
+                        base=finished_output(state_dir, prepare_base_model)), reference)
     resumed = load_file(str(stage_dir / "adapter" / "adapter_model.safetensors"))
     uninterrupted = load_file(str(reference / "adapter" / "adapter_model.safetensors"))
     assert resumed.keys() == uninterrupted.keys()

@@ -1,6 +1,6 @@
 """Promotion through the MLflow model registry: aliases candidate -> staging -> production.
 
-A version moves up only when it beats the current holder on the same eval set (`tasks.gate`);
+A version moves up only when it beats the current holder on the same eval set (`squadtune.gate`);
 `force` skips the gate and needs a reason. Each promotion and rollback is recorded in the version's
 tags and appended to a history table (an MLflow run per registered model, linked from the
 registered model's `squadtune.history_run_id` tag), with the questions that changed.
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline_config import InputError
-from tasks.gate import Comparison, Gate, PromotionRefused, check, f1_of
+from squadtune.errors import InputError
+from squadtune.gate import Comparison, Gate, PromotionRefused, check, f1_of
 
 log = logging.getLogger(__name__)
 ORDER = ("candidate", "staging", "production")

@@ -41,7 +41,7 @@ CHAT_TEMPLATE = (
 
 def format_fingerprint() -> str:
     """Changes whenever anything the model sees of the format changes (part of cache keys)."""
-    from pipeline_config import stable_hash
+    from squadtune.hashing import stable_hash
 
     return stable_hash([CHAT_TEMPLATE, SPECIAL_TOKENS, SYSTEM_PROMPT, GREETING, CONTENT_ACK])
 

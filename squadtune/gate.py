@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline_config import InputError
+from squadtune.errors import InputError
 
 PREDICTIONS_TABLE = "eval/predictions.json"
 RESAMPLES = 2000

@@ -29,8 +29,7 @@ class SquadQAModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from transformers import AutoTokenizer
 
-        from pipeline_config import QuantizationConfig
-        from tasks.modeling import load_for_inference
+        from squadtune.modeling import load_for_inference
 
         settings = json.loads(Path(context.artifacts["settings"]).read_text())
         base = dict(settings["base"])
@@ -40,14 +39,14 @@ class SquadQAModel(mlflow.pyfunc.PythonModel):
         self.model = load_for_inference(
             base,
             context.artifacts["adapter"],
-            QuantizationConfig(**settings["quantization"]),
+            settings["quantization"],
             settings["torch_dtype"],
         )
         self.generation = settings["generation"]
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
-        from tasks.chat_format import PromptTooLong
-        from tasks.modeling import generate_answers
+        from squadtune.chat_format import PromptTooLong
+        from squadtune.modeling import Generation, generate_answers
 
         if not isinstance(model_input, pd.DataFrame):
             model_input = pd.DataFrame(model_input)
@@ -67,15 +66,11 @@ class SquadQAModel(mlflow.pyfunc.PythonModel):
                 raise bad_request(f"params.{name} is {options[name]}; send a positive number")
         contexts, questions = list(model_input["context"]), list(model_input["question"])
         try:
-            answers = generate_answers(
-                self.model,
-                self.tokenizer,
-                contexts,
-                questions,
-                max_new_tokens=int(options["max_new_tokens"]),
-                batch_size=int(options["batch_size"]),
-                max_prompt_tokens=options.get("max_prompt_tokens"),
+            generation = Generation(
+                int(options["max_new_tokens"]), int(options["batch_size"]),
+                options.get("max_prompt_tokens"),
             )
+            answers = generate_answers(self.model, self.tokenizer, contexts, questions, generation)
         except (PromptTooLong, ValueError) as exc:  # a question alone too long: nothing to cut
             raise bad_request(str(exc)) from exc
         cut = self.truncated(contexts, questions, options)
@@ -83,8 +78,8 @@ class SquadQAModel(mlflow.pyfunc.PythonModel):
 
     def truncated(self, contexts: list[str], questions: list[str], options: dict) -> list[bool]:
         """Which prompts `generate_answers` cut: longer whole than the prompt budget it uses."""
-        from tasks.chat_format import ChatEncoder
-        from tasks.modeling import context_window
+        from squadtune.chat_format import ChatEncoder
+        from squadtune.modeling import context_window
 
         limit = context_window(self.model) - int(options["max_new_tokens"])
         if options.get("max_prompt_tokens") is not None:

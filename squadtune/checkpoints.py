@@ -12,7 +12,7 @@ import json
 import zipfile
 from pathlib import Path
 
-from tasks.squad_io import sha256_file
+from squadtune.hashing import sha256_file
 
 CHECKSUMS = "checksums.json"
 TORCH_FILES = (".pt", ".pth", ".bin")  # torch.save's zip format, each member CRC-checked

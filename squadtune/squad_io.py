@@ -8,14 +8,14 @@ No Prefect here: `squadtune run`'s preflight reads the data with these before an
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import random
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from pipeline_config import DataConfig, InputError
+from squadtune.errors import InputError
+from squadtune.hashing import sha256_file  # noqa: F401 - re-exported
 
 COLUMNS = ("id", "title", "context", "question", "answers")
 FLAT_SUFFIXES = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -23,12 +23,6 @@ FLAT_SUFFIXES = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 class DataError(InputError):
     """A source that cannot be read as SQuAD; the message names the file and the problem."""
-
-
-def sha256_file(path: str | Path) -> str:
-    """sha256 of a file's bytes, read in chunks: the identity of data files and stage outputs."""
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def local_path(path: str, field: str) -> Path:
@@ -205,13 +199,13 @@ def eval_overlap(train: list[dict], held: list[dict]) -> dict[str, Any]:
     return {"questions": count, "share": count / len(held) if held else 0.0}
 
 
-def check_overlap(overlap: dict[str, Any], cfg: DataConfig) -> None:
+def check_overlap(overlap: dict[str, Any], policy: str) -> None:
     """Refuse an evaluation on training questions unless the config says it is intended."""
     count, share = overlap["questions"], overlap["share"]
     if not count:
         return
     said = f"{count} held-out questions ({share:.1%}) are also training questions"
-    if cfg.eval_overlap == "refuse":
+    if policy == "refuse":
         raise DataError(
             f"{said} (same id, or same context and question), so the scores would not measure "
             "held-out questions; give data.eval_files that do not overlap data.train_files, or "

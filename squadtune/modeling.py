@@ -1,17 +1,18 @@
-"""Config -> library objects, and loading models for training and inference.
+"""Settings -> library objects, and loading models for training and inference.
 
-No Prefect here: the served MLflow model imports this module too.
+Settings arrive as the libraries' own keyword arguments (the pipeline's config sections are named
+so), and no pipeline config type is imported: the served MLflow model imports this module too.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-
-from pipeline_config import LoraSettings, QuantizationConfig
 
 log = logging.getLogger(__name__)
 
@@ -22,37 +23,32 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def bnb_config(cfg: QuantizationConfig):
-    """`BitsAndBytesConfig` for the quantization section, or None when it is off."""
+def bnb_config(quantization: Mapping[str, Any]):
+    """`BitsAndBytesConfig(**quantization)`, or None when neither 4- nor 8-bit is asked.
+
+    `quantization` holds `BitsAndBytesConfig`'s own arguments (dtypes by name); a pydantic
+    section works as well as the dict a served model reads from its settings.
+    """
+    settings = dict(quantization)
+    if not (settings.get("load_in_4bit") or settings.get("load_in_8bit")):
+        return None
     from transformers import BitsAndBytesConfig
 
-    if cfg.load_in_4bit:
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
-            bnb_4bit_compute_dtype=DTYPES[cfg.bnb_4bit_compute_dtype],
-            bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
-        )
-    if cfg.load_in_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return None
+    return BitsAndBytesConfig(**settings)
 
 
-def lora_config(cfg: LoraSettings, new_token_ids: list[int] | None = None):
-    """`peft.LoraConfig` for the lora section; new chat tokens' embedding rows train too."""
+def lora_config(settings: Mapping[str, Any], new_token_ids: list[int] | None = None):
+    """`peft.LoraConfig(**settings)` for a causal LM; with `train_new_tokens` in `settings`, the
+    new chat tokens' embedding rows train too (a list targets the input embedding; PEFT keeps it
+    tied to the LM head)."""
     from peft import LoraConfig
 
+    kwargs = dict(settings)
+    train_new = kwargs.pop("train_new_tokens", False)
     return LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        bias=cfg.bias,
-        target_modules=list(cfg.target_modules),
-        fan_in_fan_out=cfg.fan_in_fan_out,
+        **kwargs,
         task_type="CAUSAL_LM",
-        # A list targets the input embedding; PEFT keeps it tied to the LM head.
-        trainable_token_indices=list(new_token_ids) if cfg.train_new_tokens and new_token_ids
-        else None,
+        trainable_token_indices=list(new_token_ids) if train_new and new_token_ids else None,
     )
 
 
@@ -65,9 +61,9 @@ def matched_modules(model: torch.nn.Module, patterns: list[str]) -> dict[str, li
     }
 
 
-def check_targets(model: torch.nn.Module, cfg: LoraSettings) -> dict[str, int]:
+def check_targets(model: torch.nn.Module, target_modules: list[str]) -> dict[str, int]:
     """Fail on a target that matches nothing, instead of silently adapting fewer layers."""
-    matches = matched_modules(model, cfg.target_modules)
+    matches = matched_modules(model, target_modules)
     empty = [p for p, m in matches.items() if not m]
     if empty:
         leaves = sorted(
@@ -96,17 +92,9 @@ def disable_cpu_repacking(model: torch.nn.Module) -> int:
     return count
 
 
-def base_spec(base) -> dict[str, Any]:
-    """The base-model stage manifest with `source` made loadable (absolute for a bundled base)."""
-    spec = dict(base.manifest)
-    if spec.get("bundled"):
-        spec["source"] = str(Path(base.path) / spec["source"])
-    return spec
-
-
 def load_base_model(
     base: dict[str, Any],
-    quantization: QuantizationConfig,
+    quantization: Mapping[str, Any],
     torch_dtype: str = "float32",
     device: str | None = None,
 ):
@@ -139,7 +127,7 @@ def load_base_model(
     return model
 
 
-def prepare_for_training(model, quantization: QuantizationConfig, gradient_checkpointing: bool):
+def prepare_for_training(model, gradient_checkpointing: bool):
     """Freeze the base; for k-bit bases cast norms to fp32 (PEFT's QLoRA preparation).
 
     Inference keeps bitsandbytes' own CPU kernels, so a served model computes exactly what plain
@@ -147,7 +135,7 @@ def prepare_for_training(model, quantization: QuantizationConfig, gradient_check
     """
     from peft import prepare_model_for_kbit_training
 
-    if quantization.enabled:
+    if getattr(model, "hf_quantizer", None) is not None:  # loaded in 4 or 8 bit
         if next(model.parameters()).device.type == "cpu":
             disable_cpu_repacking(model)
         return prepare_model_for_kbit_training(
@@ -169,7 +157,7 @@ def count_parameters(model) -> dict[str, int]:
 def load_for_inference(
     base: dict[str, Any],
     adapter_dir: str | Path | None,
-    quantization: QuantizationConfig,
+    quantization: Mapping[str, Any],
     torch_dtype: str = "float32",
     device: str | None = None,
 ):
@@ -192,56 +180,61 @@ def context_window(model) -> int:
     raise ValueError(f"cannot tell the context window of {type(model).__name__}")
 
 
+@dataclass(frozen=True)
+class Generation:
+    """How answers are generated: greedily, at most `max_new_tokens` each, `batch_size` prompts
+    at a time, prompts cut to `max_prompt_tokens` (the training length).
+
+    With `shared_prefix` the system turns are computed once and each distinct context once for
+    all its questions (`squadtune.shared_prefix`); otherwise every prompt is prefilled whole,
+    prompts sorted by length and left-padded in batches. Both give the same answers. A context
+    too long for the context window is cut (as in training), or with `truncate=False` refused
+    with `PromptTooLong`.
+    """
+
+    max_new_tokens: int = 32
+    batch_size: int = 16
+    max_prompt_tokens: int | None = None
+    shared_prefix: bool = True
+    truncate: bool = True
+
+
 @torch.no_grad()
 def generate_answers(
-    model,
-    tokenizer,
-    contexts: list[str],
-    questions: list[str],
-    *,
-    max_new_tokens: int,
-    batch_size: int,
-    max_prompt_tokens: int | None = None,
+    model, tokenizer, contexts: list[str], questions: list[str], generation: Generation,
     progress: bool = False,
-    truncate: bool = True,
-    shared_prefix: bool = True,
 ) -> list[str]:
-    """Greedy answers, stopped at `<|end|>`.
+    """Greedy answers, stopped at `<|end|>` (see `Generation`)."""
+    from squadtune.chat_format import ChatEncoder, stop_token_ids
 
-    With `shared_prefix` (the default) the system turns are computed once and each distinct
-    context once for all its questions (`tasks.shared_prefix`); otherwise every prompt is
-    prefilled whole, prompts sorted by length and left-padded in batches. Both give the same
-    answers. A context too long for the context window is cut (as in training), or with
-    `truncate=False` refused with `PromptTooLong`.
-    """
-    from tasks.chat_format import ChatEncoder, stop_token_ids
-
+    g = generation
     window = context_window(model)
-    limit = window - max_new_tokens
-    if max_prompt_tokens is not None:
-        limit = min(limit, max_prompt_tokens)
+    limit = window - g.max_new_tokens
+    if g.max_prompt_tokens is not None:
+        limit = min(limit, g.max_prompt_tokens)
     if limit <= 0:
         raise ValueError(
-            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
+            f"max_new_tokens={g.max_new_tokens} leaves no room for a prompt in the "
             f"{window}-token context window"
         )
-    prompts = ChatEncoder(tokenizer).prompts(list(contexts), list(questions), limit, truncate)
+    prompts = ChatEncoder(tokenizer).prompts(list(contexts), list(questions), limit, g.truncate)
     stops = stop_token_ids(tokenizer)
-    if shared_prefix:
-        from tasks.shared_prefix import SharedPrefixGenerator
+    if g.shared_prefix:
+        from squadtune.shared_prefix import SharedPrefixGenerator
 
-        generator = SharedPrefixGenerator(model, stops, max_new_tokens, batch_size)
+        generator = SharedPrefixGenerator(model, stops, g.max_new_tokens, g.batch_size)
         new = generator.generate(prompts, list(contexts), progress)
     else:
-        new = batched_generate(model, prompts, stops, max_new_tokens, batch_size, progress)
+        new = batched_generate(model, prompts, stops, g, progress)
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new]
 
 
-def batched_generate(model, prompts, stops, max_new_tokens, batch_size, progress=False):
+def batched_generate(model, prompts, stops, generation: Generation, progress=False):
     """`model.generate` on length-sorted, left-padded batches; new ids cut before a stop id."""
+    max_new_tokens, batch_size = generation.max_new_tokens, generation.batch_size
     from tqdm.auto import tqdm
 
-    from tasks.shared_prefix import pad_rows
+    from squadtune.shared_prefix import pad_rows
 
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     device = next(model.parameters()).device

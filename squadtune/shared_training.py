@@ -51,7 +51,8 @@ from typing import Any
 
 import torch
 
-from tasks.shared_prefix import common_prefix_length
+from squadtune.modeling import Generation
+from squadtune.shared_prefix import common_prefix_length
 
 
 def prefix_length(ids: list[int], labels: list[int], branch_token_id: int) -> int:
@@ -185,7 +186,7 @@ def f1_callback(
     tokenizer,
     questions,
     log: Callable[[dict[str, float], int], None],
-    generation: dict[str, Any],
+    generation: Generation,
     every_steps: int | None = None,
     refusal: str | None = None,
 ):
@@ -195,14 +196,13 @@ def f1_callback(
     It runs in `on_step_end` every `every_steps` optimizer steps (default: `args.eval_steps`),
     and once before the first step of a run that starts at step 0, so the curve starts at the
     untrained adapter. It does not need an eval dataset or `eval_strategy`. Only the main
-    process generates (the others wait at their next collective). `generation` holds
-    `generate_answers` keywords: max_new_tokens, batch_size, and optionally max_prompt_tokens.
+    process generates (the others wait at their next collective).
     """
     from transformers import TrainerCallback
 
-    from tasks.chat_format import REFUSAL
-    from tasks.evaluate import score
-    from tasks.modeling import generate_answers
+    from squadtune.chat_format import REFUSAL
+    from squadtune.metrics import score
+    from squadtune.modeling import generate_answers
 
     ids, contexts = list(questions["id"]), list(questions["context"])
     texts, golds = list(questions["question"]), list(questions["answers"])
@@ -211,7 +211,7 @@ def f1_callback(
         was_training = model.training
         model.eval()
         try:
-            answers = generate_answers(model, tokenizer, contexts, texts, **generation)
+            answers = generate_answers(model, tokenizer, contexts, texts, generation)
         finally:
             model.train(was_training)
         scores = score(ids, golds, answers, refusal or REFUSAL)
