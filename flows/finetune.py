@@ -52,4 +52,4 @@ def finetune(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008
             adapter = train_adapter(run, lora, tokenized, base)
         scores = evaluate_adapter(run, tokenized, base, adapter)
         registered = register_adapter(run, scores, baseline, tokenized, base)
-        return report_run(run, tokenized, scores, baseline, registered)
+        return report_run(run, tokenized, adapter, scores, baseline, registered)

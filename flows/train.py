@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from tasks.manifest import all_inputs
 from tasks.outputs import Adapter
 from tasks.tracking import local_defaults
 from tasks.train import TrainJob, train_adapter
@@ -29,6 +30,11 @@ def train_on_pool(job: TrainJob) -> Adapter:
 
     deployment = job.run.config.training.deployment
     key = train_adapter.key(job.run, job.lora, job.tokenized, job.base)
+    inputs = all_inputs([job.lora, job.tokenized, job.base])
+    done = train_adapter.spec.finished(job.run.state_dir, key, inputs)
+    if done is not None:  # the cache hit the stage itself would take: no job for the pool
+        print(f"train_adapter ({key}) is cached: nothing sent to {deployment}")
+        return done
     flow_run = run_deployment(
         deployment,
         parameters={"job": job.model_dump(mode="json")},

@@ -235,9 +235,7 @@ class QuantizationConfig(Section):
 class LoraSettings(Section):
     """PEFT LoRA adapter, spelled as `peft.LoraConfig` spells it."""
 
-    lora_r: int = Field(
-        32, ge=1, serialization_alias="r", description="Rank of the update matrices (`r`)."
-    )
+    lora_r: int = Field(32, ge=1, description="Rank of the update matrices (`r`).")
     lora_alpha: int = Field(32, ge=1, description="Scale numerator: the update is scaled alpha/r.")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
@@ -258,4 +256,6 @@ class LoraSettings(Section):
     def peft_kwargs(self) -> dict[str, Any]:
         """The section as `squadtune.modeling.lora_config` takes it: `LoraConfig`'s arguments
         (`lora_r` as `r`) and `train_new_tokens`."""
-        return self.model_dump(by_alias=True)
+        settings = self.model_dump()
+        settings["r"] = settings.pop("lora_r")
+        return settings

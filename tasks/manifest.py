@@ -29,7 +29,8 @@ class StageOutput(BaseModel):
     The fields below are filled in by the stage mechanism (`tasks.stage`), not by the stage.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # NaN/inf losses (a diverged run) are written as JSON's NaN/Infinity and read back as floats.
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
 
     stage: str = ""
     stage_version: str = ""

@@ -17,14 +17,20 @@ from pydantic import BaseModel, ConfigDict
 from tasks.manifest import StageOutput
 
 
-class Split(BaseModel):
+class Fact(BaseModel):
+    """A part of an output: unknown keys are errors (a renamed key fails, never reads as 0)."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+
+
+class Split(Fact):
     train: int
     eval: int
 
 
-class Overlap(BaseModel):
-    questions: int = 0
-    share: float = 0.0
+class Overlap(Fact):
+    questions: int
+    share: float
 
 
 class SquadData(StageOutput):
@@ -44,7 +50,7 @@ class SquadData(StageOutput):
         return self.dir / name
 
 
-class SplitStats(BaseModel):
+class SplitStats(Fact):
     examples: int
     kept: int
     truncated: int
@@ -99,7 +105,7 @@ class BaseWeights(StageOutput):
         }
 
 
-class ParameterCounts(BaseModel):
+class ParameterCounts(Fact):
     trainable: int
     total: int
 
@@ -143,7 +149,7 @@ class Adapter(StageOutput):
         return json.loads((self.dir / "log_history.json").read_text())
 
 
-class Bucket(BaseModel):
+class Bucket(Fact):
     count: int
     exact_match: float
     f1: float
@@ -152,7 +158,7 @@ class Bucket(BaseModel):
 class Scores(BaseModel):
     """SQuAD EM/F1 (0-100); v2.0 runs add the metric's HasAns/NoAns figures as extra fields."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", ser_json_inf_nan="constants")
 
     exact_match: float
     f1: float

@@ -106,10 +106,11 @@ def config_summary(config: PipelineConfig) -> str:
 
 
 def markdown_report(
-    config: PipelineConfig, url: str, tokenized: Tokenized, evaluation: EvalResult,
-    baseline: EvalResult, reg: Registration,
+    run: Run, tokenized: Tokenized, train: Adapter, evaluation: EvalResult, baseline: EvalResult,
+    reg: Registration,
 ) -> str:
-    ours, base, train = evaluation.metrics, baseline.metrics, evaluation.adapter
+    config, url = run.config, run_url(run.mlflow_run_id)
+    ours, base = evaluation.metrics, baseline.metrics
     squad = tokenized.squad
     counts, rejected = squad.counts, squad.rejected
     dropped = sum(tokenized.splits["train"].dropped.values())
@@ -212,7 +213,7 @@ def what_it_can_show(config: PipelineConfig) -> str:
 
 @task(name="report_run")
 def report_run(
-    run: Run, tokenized: Tokenized, evaluation: EvalResult, baseline: EvalResult,
+    run: Run, tokenized: Tokenized, train: Adapter, evaluation: EvalResult, baseline: EvalResult,
     registered: Registration,
 ) -> dict[str, Any]:
     """Log data, scores and predictions to MLflow; summarize the run as Prefect artifacts."""
@@ -220,7 +221,6 @@ def report_run(
     import pandas as pd
 
     config, run_id, squad = run.config, run.mlflow_run_id, tokenized.squad
-    train = evaluation.adapter
     mechanism = set(StageOutput.model_fields) | {"squad"}  # where it lives, not what it says
     client = mlflow.MlflowClient()
     client.log_dict(run_id, squad.model_dump(exclude=mechanism), "data/data_manifest.json")
@@ -262,7 +262,7 @@ def report_run(
     if url.startswith("http"):
         create_link_artifact(url, link_text="MLflow run", key="mlflow-run")
     create_markdown_artifact(
-        markdown_report(config, url, tokenized, evaluation, baseline, registered),
+        markdown_report(run, tokenized, train, evaluation, baseline, registered),
         key="run-summary",
         description="squadtune run summary: scores against the baseline, worst answers",
     )

@@ -215,6 +215,9 @@ class StageFunction:
             [*inputs, inspect.Parameter("key", keyword, annotation=str)]
             + ([inspect.Parameter("identity", keyword)] if self.takes_identity else [])
         )
+        # Prefect keys a task by its function's name and code: each stage's own, not `body`'s.
+        body.__name__, body.__qualname__ = fn.__name__, fn.__qualname__
+        body.__module__ = fn.__module__
         options = {"log_prints": True, **task_options}
         self.task = task(
             body, name=fn.__name__, description=(fn.__doc__ or "").strip().split("\n")[0],

@@ -175,7 +175,7 @@ def f1_while_training(job: TrainJob, tokenizer, trainer) -> Any:
     """The callback of `evaluation.during_training: N`: it answers the first N held-out questions
     at every `training.eval_steps` step and logs EM/F1 into the run, and into the Trainer's log
     history (kept in checkpoints, so a resumed or cached run's back-fill carries the curve)."""
-    from squadtune.mlflow_metrics import log_metrics
+    from squadtune.mlflow_metrics import log_metrics, logged_steps
     from squadtune.modeling import Generation
     from squadtune.shared_training import f1_callback
     from tasks.evaluate import eval_questions
@@ -185,12 +185,16 @@ def f1_while_training(job: TrainJob, tokenizer, trainer) -> Any:
     first_n = evaluation.model_copy(update={"max_samples": evaluation.during_training})
     generation = Generation(evaluation.max_new_tokens, evaluation.batch_size, tokenized.max_seq_len)
 
+    logged = logged_steps(run_id, "eval/f1") if run_id else set()  # a continued run's
+
     def log(metrics: dict[str, float], step: int) -> None:
+        if step >= config.training.max_steps:  # the final evaluation's point, of the whole set
+            return
         trainer.state.log_history.append({
             "eval_exact_match": metrics["eval/exact_match"], "eval_f1": metrics["eval/f1"],
             "step": step,
         })
-        if run_id:
+        if run_id and step not in logged:
             log_metrics(run_id, metrics, step)
 
     return f1_callback(

@@ -175,6 +175,11 @@ def test_training_runs_on_the_gpu_pool(deployed, small_squad_file):
     assert [(c["name"][:6], c["work_pool_name"], c["state_name"]) for c in children] == [
         ("train-", "gpu", "Completed")
     ]
+    again = run_deployment(deployed, "finetune/finetune-gpt2-qlora", config)
+    assert again["state_name"] == "Completed", again["state"]["message"]
+    sent = api(deployed, "flow_runs/filter",
+               {"flow_runs": {"parent_flow_run_id": {"any_": [again["id"]]}}})
+    assert sent == [], "a trained adapter is a cache hit: no second job for the gpu pool"
 
 
 HOLD_THE_REGISTRY = """

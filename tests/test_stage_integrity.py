@@ -163,3 +163,22 @@ def test_two_processes_building_one_stage_build_it_once(tmp_path):
     assert f"is held by pid {procs[0].pid}" in outs[1][0]
     assert "Traceback" not in outs[0][1] + outs[1][1]
     assert os.path.exists(tmp_path / "state" / "artifacts" / "train" / "k" / "manifest.json")
+
+
+def test_a_diverged_runs_nan_loss_survives_its_manifest(tmp_path):
+    """A NaN or infinite loss is written as JSON's NaN/Infinity and read back as a float: the
+    output of a diverged run still verifies, instead of failing to parse on every load."""
+    from tasks.manifest import read_output, write_json
+    from tasks.outputs import Adapter, LoraInit
+
+    init = LoraInit(target_matches={"attn.c_attn": 2}, parameters={"trainable": 1, "total": 2})
+    adapter = Adapter(
+        init=init, train_rows=4, global_step=4, resumed_from_step=0, skipped_checkpoints=[],
+        train_loss=float("nan"), final_loss=float("inf"), tokens_seen=10,
+        tokens_per_second_this_attempt=None, world_size=1, device="cpu", optimizer="sgd",
+        gradient_checkpointing=False, mlflow_run_id=None, adapter_bytes=1,
+    )
+    write_json(tmp_path / "manifest.json", adapter)
+    found = read_output(tmp_path, Adapter)
+    assert isinstance(found, Adapter), found
+    assert found.train_loss != found.train_loss and found.final_loss == float("inf")
