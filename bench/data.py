@@ -155,8 +155,9 @@ def main() -> None:
     from datasets import Dataset
 
     from pipeline_config import ModelConfig
+    from squadtune.squad_io import read_file, validate
     from tasks.format_tokenize import chat_tokenizer
-    from tasks.load_squad import features, read_file, validate
+    from tasks.load_squad import features
 
     rows, _ = read_file(Path(args.squad))
     good, _ = validate(rows, "bench", squad_v2=False, max_bad=0.0)

@@ -87,8 +87,8 @@ def main() -> None:
 
     from pipeline_config import ModelConfig
     from squadtune.modeling import Generation, generate_answers
+    from squadtune.squad_io import read_file
     from tasks.format_tokenize import chat_tokenizer
-    from tasks.load_squad import read_file
 
     rows, _ = read_file(Path(args.squad))
     rows = paragraph_sample(rows, args.questions)

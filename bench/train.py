@@ -104,8 +104,9 @@ def main() -> None:
         prepare_for_training,
     )
     from squadtune.shared_training import pack_paragraphs
+    from squadtune.squad_io import read_file, validate
     from tasks.format_tokenize import chat_tokenizer, tokenize_split
-    from tasks.load_squad import features, read_file, validate
+    from tasks.load_squad import features
 
     rows, _ = read_file(Path(args.squad))
     good, _ = validate(rows, "bench", squad_v2=False, max_bad=0.0)

@@ -65,7 +65,7 @@ def _predictions(path: str) -> dict[str, str]:
 
 def cmd_score(args) -> int:
     from squadtune.metrics import load_squad_metric
-    from tasks.load_squad import local_path, read_file
+    from squadtune.squad_io import local_path, read_file
 
     rows, squad_v2 = read_file(local_path(args.dataset, "DATASET"))
     bad = [r for r in rows if r.get("_bad")]

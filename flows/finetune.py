@@ -7,10 +7,11 @@ from prefect.runtime import flow_run
 
 from flows.train import train_on_pool
 from pipeline_config import PipelineConfig, preflight
+from squadtune.squad_io import check_overlap
 from tasks.base_model import prepare_base_model
 from tasks.evaluate import evaluate_adapter
 from tasks.format_tokenize import format_and_tokenize
-from tasks.load_squad import check_overlap, load_squad
+from tasks.load_squad import load_squad
 from tasks.lora import apply_lora
 from tasks.register import register_adapter
 from tasks.report import report_run

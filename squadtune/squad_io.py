@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from squadtune.errors import InputError
-from squadtune.hashing import sha256_file  # noqa: F401 - re-exported
 
 COLUMNS = ("id", "title", "context", "question", "answers")
 FLAT_SUFFIXES = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}

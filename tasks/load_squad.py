@@ -16,17 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from pipeline_config import DataConfig
-from squadtune.squad_io import (  # noqa: F401 - the data stage's readers, re-exported
+from squadtune.hashing import sha256_file
+from squadtune.squad_io import (
     COLUMNS,
     DataError,
     _flat_record,
     check_overlap,
     eval_overlap,
     local_path,
-    read_file,
     read_local,
     reason_kind,
-    sha256_file,
     split_by_article,
     validate,
 )

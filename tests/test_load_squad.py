@@ -6,8 +6,10 @@ import json
 import pytest
 
 from pipeline_config import DataConfig, PipelineConfig
+from squadtune import squad_io
+from squadtune.hashing import sha256_file
+from squadtune.squad_io import DataError
 from tasks import load_squad
-from tasks.load_squad import DataError
 from tasks.stage import Run
 from tests.conftest import write_squad
 
@@ -89,7 +91,7 @@ def test_unreadable_or_misshaped_file_names_file(tmp_path, content, problem):
     path = tmp_path / "broken.json"
     path.write_bytes(content)
     with pytest.raises(DataError) as err:
-        load_squad.read_file(path)
+        squad_io.read_file(path)
     assert str(path) in str(err.value) and problem in str(err.value)
 
 
@@ -98,7 +100,7 @@ def test_truncated_gzip_is_reported(tmp_path):
     path = tmp_path / "cut.json.gz"
     path.write_bytes(blob[: len(blob) // 2])
     with pytest.raises(DataError, match="cut.json.gz"):
-        load_squad.read_file(path)
+        squad_io.read_file(path)
 
 
 def test_source_identity_follows_file_content(tmp_path):
@@ -128,7 +130,7 @@ def test_parquet_and_jsonl_in_hub_schema(tmp_path):
                      eval_files=[str(tmp_path / "eval.jsonl")], eval_overlap="allow")
     squad = build(cfg, tmp_path / "state")
     assert squad.counts.model_dump() == {"train": 6, "eval": 2}
-    digest = load_squad.sha256_file(tmp_path / "train.parquet")
+    digest = sha256_file(tmp_path / "train.parquet")
     assert squad.source["train_files"][0] == digest
 
 
@@ -138,13 +140,13 @@ def test_flat_file_problems_name_file_and_line(tmp_path):
 
     pq.write_table(pa.Table.from_pylist([{"id": "a", "text": "x"}]), tmp_path / "cols.parquet")
     with pytest.raises(DataError, match=r"cols.parquet: no column\(s\) \['answers', 'context'"):
-        load_squad.read_file(tmp_path / "cols.parquet")
+        squad_io.read_file(tmp_path / "cols.parquet")
     (tmp_path / "bad.jsonl").write_text(json.dumps(flat_rows()[0]) + "\n{oops\n")
     with pytest.raises(DataError, match="bad.jsonl: line 2 is not JSON"):
-        load_squad.read_file(tmp_path / "bad.jsonl")
+        squad_io.read_file(tmp_path / "bad.jsonl")
     (tmp_path / "data.csv").write_text("id,context\n")
     with pytest.raises(DataError, match="unknown file type"):
-        load_squad.read_file(tmp_path / "data.csv")
+        squad_io.read_file(tmp_path / "data.csv")
 
 
 def test_v2_unanswerable_allowed_only_where_marked(tmp_path):
@@ -156,18 +158,18 @@ def test_v2_unanswerable_allowed_only_where_marked(tmp_path):
          "answers": [{"text": "Some", "answer_start": 0}]},
     ]
     path = write_squad(tmp_path / "v2.json", [article("A", ctx, v2_qas)], version="v2.0")
-    rows, v2 = load_squad.read_file(path)
+    rows, v2 = squad_io.read_file(path)
     assert v2
-    good, bad = load_squad.validate(rows, "train", squad_v2=True, max_bad=1.0)
+    good, bad = squad_io.validate(rows, "train", squad_v2=True, max_bad=1.0)
     assert [r["id"] for r in good] == ["ok"]
     assert {b["id"]: b["reason"] for b in bad} == {
         "no_answer": "no answer", "both": "marked unanswerable but has answers",
     }
     # The same unanswerable question in a v1.1 file is a malformed record.
     v1 = write_squad(tmp_path / "v1.json", [article("A", ctx, v2_qas[:1])])
-    rows, v2 = load_squad.read_file(v1)
+    rows, v2 = squad_io.read_file(v1)
     assert not v2
-    assert load_squad.validate(rows, "train", squad_v2=False, max_bad=1.0)[1][0]["reason"] == (
+    assert squad_io.validate(rows, "train", squad_v2=False, max_bad=1.0)[1][0]["reason"] == (
         "no answer"
     )
 
@@ -187,6 +189,6 @@ def test_v2_unanswerable_allowed_only_where_marked(tmp_path):
 )
 def test_each_malformed_record_kind(tmp_path, qa_record, reason):
     path = write_squad(tmp_path / "one.json", [article("A", "Some context.", [qa_record])])
-    rows, _ = load_squad.read_file(path)
-    _, bad = load_squad.validate(rows, "train", squad_v2=False, max_bad=1.0)
-    assert load_squad.reason_kind(bad[0]["reason"]) == reason
+    rows, _ = squad_io.read_file(path)
+    _, bad = squad_io.validate(rows, "train", squad_v2=False, max_bad=1.0)
+    assert squad_io.reason_kind(bad[0]["reason"]) == reason
