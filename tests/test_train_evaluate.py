@@ -1,6 +1,9 @@
 """A real Trainer on a tiny 4-bit GPT-2: resume after a failure, evaluate by generation."""
 
 import json
+import re
+import string
+from collections import Counter
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ from tasks import evaluate
 from tasks.evaluate import evaluate_adapter
 from tasks.stage import Run
 from tasks.train import TrainJob, train_adapter, train_here
-from tests.conftest import build_until_lora, tiny_config_dict
+from tests.conftest import build_until_lora, tiny_config_dict, write_squad
 
 
 @pytest.fixture(scope="module")
@@ -74,46 +77,167 @@ def test_incomplete_checkpoint_is_skipped(tmp_path):
     assert [p.name for p in trainer.complete_checkpoints(tmp_path)] == ["checkpoint-2"]
 
 
-def test_evaluate_generates_and_scores_each_question(setup, tmp_path):
-    config, root, stages = setup
-    run = with_training(config, stages, max_steps=2).model_copy(
+def official_normalize(text: str) -> str:
+    """SQuAD v1.1's official normalization (its evaluate-v1.1.py), written out here so that the
+    stage's scorer is checked against code it does not share: lower case, punctuation out, the
+    articles a/an/the out, whitespace collapsed."""
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def official_scores(prediction: str, golds: list[str]) -> tuple[float, float]:
+    """(EM, F1) on the 0-100 scale: F1 over bags of normalised tokens, each the best over the
+    gold answers."""
+
+    def f1(gold: str) -> float:
+        predicted, wanted = official_normalize(prediction).split(), official_normalize(gold).split()
+        common = sum((Counter(predicted) & Counter(wanted)).values())
+        if common == 0:
+            return 0.0
+        precision, recall = common / len(predicted), common / len(wanted)
+        return 2 * precision * recall / (precision + recall)
+
+    exact = max(official_normalize(prediction) == official_normalize(g) for g in golds)
+    return 100.0 * exact, 100 * max(f1(g) for g in golds)
+
+
+# Evaluation cuts prompts to its tokenized input's max_seq_len: at this length every context
+# below is cut well before its end.
+EVAL_CUT = 160
+
+
+def test_evaluate_generates_and_scores_each_question(setup, squad_doc, small_squad_file,
+                                                     tmp_path):
+    """The stage answers with the adapter and scores each answer as SQuAD's official script
+    would, on gold answers built from what the adapter is known to answer: word for word, equal
+    once normalised, equal to a second gold, partly right, and the real (missed) ones."""
+    from transformers import AutoTokenizer
+
+    from squadtune.chat_format import ChatEncoder
+    from squadtune.modeling import Generation, generate_answers, load_for_inference
+    from tasks.format_tokenize import format_and_tokenize
+    from tasks.load_squad import load_squad
+
+    config, _, stages = setup
+    # Adam's first steps move each weight by about the learning rate: at 1e-3 two steps leave B
+    # near 1.5e-3 and few answers change; at 1e-2 nearly all of them do.
+    run = with_training(config, stages, max_steps=2, learning_rate=1e-2).model_copy(
         update={"state_dir": str(tmp_path)}
     )
     adapter = train_adapter.build(run, stages["lora"], stages["tokenized"], stages["base"])
     assert adapter.global_step == 2
-    result = evaluate_adapter.build(run, stages["tokenized"], stages["base"], adapter)
+    moved = [w.abs().max() for k, w in adapter_weights(adapter.dir).items() if "lora_B" in k]
+    assert moved and min(moved) > 1e-2, "every LoRA B is well off its zero init"
+
+    # Questions on two paragraphs of an article the training file lacks, answered one at a
+    # time by the adapter, outside the stage.
+    paragraphs = squad_doc["data"][6]["paragraphs"][:2]
+    asked = [(p, qa) for p in paragraphs for qa in p["qas"][:4]]
+    contexts, questions = [p["context"] for p, _ in asked], [qa["question"] for _, qa in asked]
+    tokenizer = AutoTokenizer.from_pretrained(str(stages["tokenized"].tokenizer_dir))
+    model = load_for_inference(stages["base"].spec(), adapter.adapter_dir, config.quantization)
+    known = generate_answers(
+        model, tokenizer, contexts, questions,
+        Generation(config.evaluation.max_new_tokens, batch_size=1, max_prompt_tokens=EVAL_CUT,
+                   shared_prefix=False),
+    )
+    answered = [i for i, answer in enumerate(known) if official_normalize(answer)]
+    assert len(answered) >= 4, f"too few of the adapter's answers hold a word: {known}"
+
+    golds = [[qa["answers"][0]["text"]] for _, qa in asked]
+    exact, normalised, second, partial = answered[:4]
+    golds[exact] = [known[exact]]
+    golds[normalised] = ["The " + "  ".join(known[normalised].upper().split()) + "!"]
+    golds[second] = [golds[second][0], known[second]]
+    golds[partial] = [f"{official_normalize(known[partial]).split()[0]} {golds[partial][0]}"]
+    # A gold answer must be a span of its context: each is appended past the cut, where the
+    # model never sees it, so the prompts (and the answers) stay those above.
+    held_out = []
+    for p in paragraphs:
+        mine = [i for i, (q_p, _) in enumerate(asked) if q_p is p]
+        context = p["context"] + "".join(f" {g}" for i in mine for g in golds[i])
+        held_out.append({"context": context, "qas": [
+            {"id": asked[i][1]["id"], "question": questions[i],
+             "answers": [{"text": g, "answer_start": context.index(g)} for g in golds[i]]}
+            for i in mine
+        ]})
+    encoder = ChatEncoder(tokenizer)
+    longer = [p["context"] for p in held_out for _ in p["qas"]]
+    assert encoder.prompts(longer, questions, EVAL_CUT) == encoder.prompts(
+        contexts, questions, EVAL_CUT
+    ), "the golds appended to each context lie past the cut"
+    eval_file = write_squad(tmp_path / "eval.json", [{"title": "t", "paragraphs": held_out}])
+
+    raw = tiny_config_dict(small_squad_file, tmp_path)
+    raw["data"].update(eval_files=[str(eval_file)], max_seq_len=EVAL_CUT)
+    eval_run = Run(config=PipelineConfig.model_validate(raw), state_dir=str(tmp_path))
+    # Evaluation reads the held-out questions, the tokenizer and max_seq_len from its tokenized
+    # input; the adapter trained on the setup's (the same tokenizer) is what it scores.
+    tokenized = format_and_tokenize.build(eval_run, load_squad.build(eval_run))
+    result = evaluate_adapter.build(eval_run, tokenized, stages["base"], adapter)
     assert result.adapter == adapter, "the result says which adapter it scored"
-    rows = result.predictions()  # predictions.jsonl
-    assert len(rows) == config.evaluation.max_samples == result.questions
-    assert all(isinstance(r["prediction"], str) and r["gold_answers"] for r in rows)
-    mean_f1 = sum(r["f1"] for r in rows) / len(rows)
-    assert result.metrics.f1 == pytest.approx(mean_f1)
+    rows = {r["id"]: r for r in result.predictions()}  # predictions.jsonl
+    ids = [qa["id"] for _, qa in asked]
+    assert sorted(rows) == sorted(ids) and result.questions == config.evaluation.max_samples
+    assert [rows[i]["question"] for i in ids] == questions
+    assert [rows[i]["gold_answers"] for i in ids] == golds
+    assert [rows[i]["prediction"] for i in ids] == known, "the stage answered with the adapter"
+    expected = [official_scores(answer, gold) for answer, gold in zip(known, golds, strict=True)]
+    for i, scores in zip(ids, expected, strict=True):
+        assert (rows[i]["exact_match"], rows[i]["f1"]) == pytest.approx(scores), rows[i]
+    for i in (exact, normalised, second):
+        assert expected[i] == (100, 100), (known[i], golds[i])
+    assert expected[partial][0] == 0 and 0 < expected[partial][1] < 100
+    assert result.metrics.exact_match == pytest.approx(sum(em for em, _ in expected) / len(ids))
+    assert result.metrics.f1 == pytest.approx(sum(f1 for _, f1 in expected) / len(ids))
     assert json.loads((result.dir / "metrics.json").read_text()) == result.metrics.model_dump()
     buckets = result.metrics.by_answer_length
-    assert sum(b.count for b in buckets.values()) == len(rows)
+    assert sum(b.count for b in buckets.values()) == len(ids)
+
+    baseline = evaluate_adapter.build(eval_run, tokenized, stages["base"], None)
+    assert baseline.adapter is None
+    unadapted = {r["id"]: r["prediction"] for r in baseline.predictions()}
+    changed = sum(unadapted[i] != answer for i, answer in zip(ids, known, strict=True))
+    assert changed >= len(ids) // 2, f"the adapter changed {changed} of {len(ids)} answers"
 
 
-def test_batched_generation_equals_one_at_a_time(setup):
-    """Left padding and attention masks leave each answer exactly as generated alone."""
-    from transformers import AutoTokenizer
+MAX_NEW = 8
 
-    from squadtune.modeling import Generation, generate_answers, load_for_inference
 
-    config, _, stages = setup
-    tokenizer = AutoTokenizer.from_pretrained(str(stages["tokenized"].tokenizer_dir))
-    model = load_for_inference(
-        stages["base"].spec(), stages["lora"].adapter_dir, config.quantization
-    )
-    questions = evaluate.eval_questions(stages["squad"], config.evaluation)
-    kwargs = {"max_new_tokens": 8, "max_prompt_tokens": 320}
-    contexts, asked = questions["context"], questions["question"]
-    batched = generate_answers(model, tokenizer, contexts, asked,
-                               Generation(batch_size=8, shared_prefix=False, **kwargs))
-    single = generate_answers(model, tokenizer, contexts, asked,
-                              Generation(batch_size=1, shared_prefix=False, **kwargs))
-    shared = generate_answers(model, tokenizer, contexts, asked, Generation(batch_size=8, **kwargs))
-    assert batched == single == shared
-    assert any(batched), "random weights still produce some text"
+def test_batched_generation_equals_one_at_a_time(tokenizer, squad_doc, tmp_path):
+    """Left padding, attention masks and rows leaving the batch leave each answer exactly as
+    generated alone, on a 4-bit model whose answers differ by prompt and stop at different
+    steps (some not before the limit)."""
+    from dataclasses import replace
+
+    from squadtune.chat_format import ChatEncoder, stop_token_ids
+    from squadtune.modeling import Generation, batched_generate, generate_answers
+    from squadtune.shared_prefix import SharedPrefixGenerator
+    from tests.test_shared_prefix import tiny_model
+
+    # Three questions on each of three paragraphs (prompts of 188 to 319 ids), which this
+    # model answers with 0 to 8 new ids.
+    paragraphs = [squad_doc["data"][a]["paragraphs"][p] for a, p in ((2, 3), (3, 2), (4, 0))]
+    contexts = [p["context"] for p in paragraphs for _ in p["qas"][:3]]
+    questions = [qa["question"] for p in paragraphs for qa in p["qas"][:3]]
+    model = tiny_model(tokenizer, tmp_path, quantized=True)
+    prompts = ChatEncoder(tokenizer).prompts(contexts, questions, 384)
+    stops = stop_token_ids(tokenizer)
+    together = Generation(MAX_NEW, batch_size=len(prompts), shared_prefix=False)
+    alone = batched_generate(model, prompts, stops, replace(together, batch_size=1))
+    assert batched_generate(model, prompts, stops, together) == alone
+    shared = SharedPrefixGenerator(model, stops, MAX_NEW, batch_size=len(prompts))
+    assert shared.generate(prompts, contexts) == alone
+
+    lengths = [len(p) for p in prompts]
+    assert max(lengths) - min(lengths) > 100, "one batch pads some prompts by many ids"
+    stopped_at = sorted(len(ids) for ids in alone)
+    assert stopped_at[-1] == MAX_NEW, "some answers run to the limit"
+    assert len({n for n in stopped_at if n < MAX_NEW}) >= 3, "rows leave at different steps"
+    assert len({tuple(ids) for ids in alone}) >= 5, "answers differ between prompts"
+    answers = generate_answers(model, tokenizer, contexts, questions,
+                               Generation(MAX_NEW, len(prompts), max_prompt_tokens=384))
+    assert answers == [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in alone]
 
 
 def test_answer_length_buckets():

@@ -236,14 +236,19 @@ def test_flow_killed_with_sigkill_after_an_epoch_resumes_to_the_uninterrupted_ad
     # The same stages trained without interruption reach the same adapter, bit for bit.
     reference = tmp_path / "uninterrupted"
     reference.mkdir()
-    train_here(TrainJob(run=Run(config=config, state_dir=str(state_dir)),
-                        lora=finished_output(state_dir, apply_lora),
+    lora = finished_output(state_dir, apply_lora)
+    train_here(TrainJob(run=Run(config=config, state_dir=str(state_dir)), lora=lora,
                         tokenized=finished_output(state_dir, format_and_tokenize),
                         base=finished_output(state_dir, prepare_base_model)), reference)
     resumed = load_file(str(stage_dir / "adapter" / "adapter_model.safetensors"))
     uninterrupted = load_file(str(reference / "adapter" / "adapter_model.safetensors"))
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+    # Two runs that trained nothing would be equal too: every tensor left the initial adapter.
+    initial = load_file(str(lora.adapter_dir / "adapter_model.safetensors"))
+    assert initial.keys() == resumed.keys()
+    unmoved = [k for k in initial if torch.equal(initial[k], resumed[k])]
+    assert not unmoved, f"training left these as apply_lora made them: {unmoved}"
 
     # The killed attempt's MLflow run is continued and closed, each logging step in it once.
     summary = state.result()
