@@ -44,9 +44,10 @@ def looks_local(value: str) -> bool:
 
 def local_paths(config: PipelineConfig) -> dict[str, tuple[str, str]]:
     """Config field -> (path, "file" or "dir") for every local input."""
-    paths = {f"data.train_files[{i}]": (p, "file") for i, p in enumerate(config.data.train_files)}
+    # A data entry is a file or a directory of data files (squad_io.data_files).
+    paths = {f"data.train_files[{i}]": (p, "data") for i, p in enumerate(config.data.train_files)}
     paths.update(
-        {f"data.eval_files[{i}]": (p, "file") for i, p in enumerate(config.data.eval_files)}
+        {f"data.eval_files[{i}]": (p, "data") for i, p in enumerate(config.data.eval_files)}
     )
     for field in ("name_or_path", "tokenizer"):
         value = getattr(config.model, field)
@@ -87,7 +88,7 @@ def file_problems(config: PipelineConfig) -> list[Problem]:
             problem = f"{where} is not readable by this user"
         else:
             continue
-        fix = f"{field.split('[')[0]}=[/path/to/file.json]" if kind == "file" else (
+        fix = f"{field.split('[')[0]}=[/path/to/file.json]" if kind == "data" else (
             f"{field}=/path/to/folder")
         problems.append(Problem(problem, (fix,)))
     return problems

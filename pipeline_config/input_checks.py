@@ -147,12 +147,15 @@ def data_problems(config: PipelineConfig) -> list[Problem]:
     data = config.data
     if not data.train_files:
         return []
-    stamps = tuple(
-        (p, st.st_size, st.st_mtime_ns)
-        for p in (*data.train_files, *data.eval_files)
-        for st in [Path(p).expanduser().stat()]
-    )
-    wrong = _data_problem(data.model_dump_json(), stamps)
+    from squadtune.squad_io import DataError, data_files
+
+    try:  # a directory stands for the files in it: the cache must see each of them change
+        files = [*data_files(data.train_files, "data.train_files"),
+                 *data_files(data.eval_files, "data.eval_files")]
+        stamps = tuple((str(p), st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()])
+        wrong = _data_problem(data.model_dump_json(), stamps)
+    except DataError as exc:
+        wrong = str(exc)
     if wrong is None:
         return []
     if "training questions" in wrong:

@@ -61,11 +61,13 @@ class DataConfig(Section):
     train_files: list[str] = Field(
         default_factory=list,
         description="Local files used instead of the hub: SQuAD JSON/JSON.gz (v1.1 or v2.0 "
-        "layout), or Parquet/JSON Lines in the hub's flat schema.",
+        "layout), or Parquet/JSON Lines in the hub's flat schema. A directory stands for every "
+        "such file in it (sorted by name; hidden, .tmp and .part files skipped).",
     )
     eval_files: list[str] = Field(
         default_factory=list,
-        description="Local held-out files. Empty: train_files are split by article title.",
+        description="Local held-out files (or directories). Empty: train_files are split by "
+        "article title.",
     )
     squad_v2: bool | None = Field(
         None,

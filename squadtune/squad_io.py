@@ -33,6 +33,34 @@ def local_path(path: str, field: str) -> Path:
     return resolved
 
 
+def is_data_file(path: Path) -> bool:
+    """A file a data directory contributes: a known suffix, not hidden, not half-written. Writers
+    copy under a hidden or `.tmp`/`.part` name and rename, so a half-copied file is never read."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if path.name.startswith(".") or (suffixes and suffixes[-1] in (".tmp", ".part", ".partial")):
+        return False
+    return ".json" in suffixes or any(s in FLAT_SUFFIXES for s in suffixes)
+
+
+def data_files(paths: list[str], field: str) -> list[Path]:
+    """Each file a data field names: a file as it is, a directory as the data files in it (sorted
+    by name), so that a directory's identity is the files it holds when the run starts."""
+    files = []
+    for path in paths:
+        resolved = Path(path).expanduser().resolve()
+        if not resolved.is_dir():
+            files.append(local_path(path, field))
+            continue
+        found = sorted(f for f in resolved.iterdir() if f.is_file() and is_data_file(f))
+        if not found:
+            raise DataError(
+                f"{field}: the directory {path} holds no data files (.json, .json.gz, .jsonl, "
+                ".parquet); add one, or name the file"
+            )
+        files += found
+    return files
+
+
 def _flat_record(raw: Any, title: str | None = None, flat: bool = True) -> dict[str, Any]:
     """A raw record (SQuAD JSON qa, or a flat row) in the hub schema.
 
@@ -235,8 +263,8 @@ def split_by_article(rows: list[dict], fraction: float, seed: int) -> tuple[list
 
 def read_local(paths: list[str], field: str) -> tuple[list[dict[str, Any]], bool]:
     rows, v2 = [], False
-    for p in paths:
-        file_rows, file_v2 = read_file(local_path(p, field))
+    for path in data_files(paths, field):
+        file_rows, file_v2 = read_file(path)
         rows.extend(file_rows)
         v2 = v2 or file_v2
     return rows, v2

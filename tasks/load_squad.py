@@ -22,8 +22,8 @@ from squadtune.squad_io import (
     DataError,
     _flat_record,
     check_overlap,
+    data_files,
     eval_overlap,
-    local_path,
     read_local,
     reason_kind,
     split_by_article,
@@ -69,7 +69,7 @@ def source_identity(cfg: DataConfig) -> dict[str, Any]:
     """What the data is, for cache keys: each local file's sha256, or hub id and revision."""
     if cfg.train_files:
         return {
-            field: [sha256_file(local_path(p, f"data.{field}")) for p in getattr(cfg, field)]
+            field: [sha256_file(p) for p in data_files(getattr(cfg, field), f"data.{field}")]
             for field in ("train_files", "eval_files")
         }
     return {"hub_dataset": cfg.hub_dataset, "hub_revision": hub_revision(cfg)}

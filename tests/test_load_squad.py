@@ -5,13 +5,13 @@ import json
 
 import pytest
 
-from pipeline_config import DataConfig, PipelineConfig
+from pipeline_config import DataConfig, InputError, PipelineConfig, preflight
 from squadtune import squad_io
 from squadtune.hashing import sha256_file
 from squadtune.squad_io import DataError
 from tasks import load_squad
 from tasks.stage import Run
-from tests.conftest import write_squad
+from tests.conftest import TOKENIZER_DIR, write_squad
 
 
 def run_of(cfg: DataConfig, state_dir) -> Run:
@@ -192,3 +192,36 @@ def test_each_malformed_record_kind(tmp_path, qa_record, reason):
     rows, _ = squad_io.read_file(path)
     _, bad = squad_io.validate(rows, "train", squad_v2=False, max_bad=1.0)
     assert squad_io.reason_kind(bad[0]["reason"]) == reason
+
+
+def test_a_directory_is_the_data_files_in_it_when_the_run_starts(tmp_path):
+    """A watched directory (the retrain preset's data/incoming/): every data file in it, by name;
+    a file being written (hidden, .tmp, .part) is not read; adding or editing a file is new data
+    for the stage's key, and an empty directory is refused naming the fix."""
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    cfg = DataConfig(hub_dataset=None, train_files=[str(incoming)], heldout_fraction=0.2)
+    with pytest.raises(DataError, match=r"data.train_files: the directory .* holds no data files"):
+        squad_io.data_files(cfg.train_files, "data.train_files")
+    model = {"name_or_path": None, "tokenizer": str(TOKENIZER_DIR), "random_init": {}}
+    with pytest.raises(InputError, match="holds no data files"):  # before anything starts
+        preflight(PipelineConfig(data=cfg, model=model))
+
+    arts = good_articles(10)
+    write_squad(incoming / "b.json", arts[5:])
+    write_squad(incoming / "a.json", arts[:5])
+    (incoming / ".c.json.tmp").write_text("{half a fi")  # being copied in
+    (incoming / "d.json.part").write_text("{half")
+    (incoming / "notes.txt").write_text("not data")
+    assert [p.name for p in squad_io.data_files(cfg.train_files, "x")] == ["a.json", "b.json"]
+    key = load_squad.load_squad.key(run_of(cfg, tmp_path))
+    squad = build(cfg, tmp_path)
+    assert squad.counts.train + squad.counts.eval == 10
+    assert squad.source["train_files"] == [sha256_file(incoming / n) for n in ("a.json", "b.json")]
+
+    write_squad(incoming / "c.json", good_articles(12)[10:])  # a new file arrives
+    added = load_squad.load_squad.key(run_of(cfg, tmp_path))
+    assert added != key
+    assert build(cfg, tmp_path).counts.train + build(cfg, tmp_path).counts.eval == 12
+    write_squad(incoming / "c.json", good_articles(13)[10:])  # and is edited in place
+    assert load_squad.load_squad.key(run_of(cfg, tmp_path)) not in (key, added)
