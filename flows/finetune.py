@@ -1,4 +1,5 @@
-"""The fine-tuning DAG: load -> tokenize -> base -> LoRA -> train -> evaluate -> register."""
+"""The fine-tuning DAG: load -> tokenize -> base -> LoRA -> train -> evaluate -> register, then the
+gate against @staging."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from squadtune.squad_io import check_overlap
 from tasks.base_model import prepare_base_model
 from tasks.evaluate import evaluate_adapter
 from tasks.format_tokenize import format_and_tokenize
+from tasks.gate import gate_candidate
 from tasks.load_squad import load_squad
 from tasks.lora import apply_lora
 from tasks.register import register_adapter
@@ -53,4 +55,5 @@ def finetune(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008
             adapter = train_adapter(run, lora, tokenized, base)
         scores = evaluate_adapter(run, tokenized, base, adapter)
         registered = register_adapter(run, scores, baseline, tokenized, base)
-        return report_run(run, tokenized, adapter, scores, baseline, registered)
+        summary = report_run(run, tokenized, adapter, scores, baseline, registered)
+        return {**summary, "gate": gate_candidate(run, registered)}  # after its predictions

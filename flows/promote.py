@@ -9,9 +9,6 @@ A refused or invalid request ends the run Failed with a one-line message, not a 
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Literal
 
@@ -23,49 +20,8 @@ from prefect.states import Failed
 from pipeline_config import InputError
 from squadtune import registry
 from squadtune.gate import Gate, PromotionRefused
-
-LIMIT = "squadtune-registry"
-# The gate reads two predictions tables per promotion: MLflow's per-download progress bars would
-# be the bulk of what a promotion prints.
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-
-def ensure_limit() -> None:
-    """Create the one-slot limit on first use (idempotent, safe when two processes race)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import (
-        GlobalConcurrencyLimitCreate,
-        GlobalConcurrencyLimitUpdate,
-    )
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            limit = client.read_global_concurrency_limit_by_name(LIMIT)
-        except ObjectNotFound:
-            with contextlib.suppress(ObjectAlreadyExists):
-                client.create_global_concurrency_limit(
-                    GlobalConcurrencyLimitCreate(name=LIMIT, limit=1)
-                )
-            return
-        if limit.limit != 1 or not limit.active:  # someone widened it: that breaks the guarantee
-            client.update_global_concurrency_limit(
-                LIMIT, GlobalConcurrencyLimitUpdate(limit=1, active=True)
-            )
-
-
-@contextlib.contextmanager
-def registry_lock() -> Iterator[None]:
-    from prefect.concurrency.sync import concurrency
-
-    ensure_limit()
-    with concurrency(LIMIT, occupy=1, strict=True):
-        yield
-
-
-def questions_table(changed: list[dict]) -> list[dict]:
-    keys = ("id", "question", "answer", "f1", "previous_answer", "previous_f1")
-    return [{k: row[k] for k in keys} for row in changed]
+from tasks.gate import questions_table
+from tasks.registry_lock import LIMIT, ensure_limit, registry_lock
 
 
 def publish_refusal(name: str, exc: InputError) -> None:
@@ -174,4 +130,5 @@ def rollback(model_name: str, alias: Literal["staging", "production"] = "product
     return event
 
 
-__all__ = ["promote", "rollback", "PromotionRefused", "LIMIT"]
+__all__ = ["promote", "rollback", "PromotionRefused", "LIMIT", "ensure_limit",
+           "registry_lock", "questions_table"]

@@ -19,6 +19,7 @@ from pipeline_config.sections import (
     RandomInitConfig,
     Section,
 )
+from squadtune.gate import Gate
 from squadtune.hashing import stable_hash
 
 __all__ = [
@@ -143,12 +144,25 @@ class EvaluationConfig(Section):
 
 
 class RegistryConfig(Section):
-    """MLflow model registry target of the trained adapter."""
+    """MLflow model registry target of the trained adapter, and the gate a new version meets."""
+
+    # What happens to a version once registered: not what is registered.
+    not_in_cache_key = frozenset({"gate", "auto_promote"})
 
     model_name: str = Field(
         "squadtune-gpt2-qa", min_length=1, description="Registered model name in MLflow."
     )
     alias: str = Field("candidate", min_length=1, description="Alias set on the new version.")
+    gate: Gate = Field(
+        default_factory=Gate,
+        description="After every run, how the new version must beat the @staging holder on the "
+        "same questions; its verdict is tagged on the version and published as an artifact.",
+    )
+    auto_promote: Literal["staging"] | None = Field(
+        "staging",
+        description="staging: move a new version to @staging when the gate passes. null: only "
+        "compare. @production always waits for a person (the approve deployment) or a promote.",
+    )
 
 
 class TrackingConfig(Section):

@@ -185,7 +185,7 @@ def record(event: Event, comparison: Comparison | None) -> None:
         )
 
 
-def _now() -> str:
+def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
@@ -220,7 +220,7 @@ def promote(name: str, to: str, version: int | None = None, gate: Gate | None = 
     client().set_registered_model_alias(name, to, source.version)
     clear_legacy_stages(name)
     event = Event(
-        time=_now(), action="promote", model=name, alias=to, version=int(source.version),
+        time=utc_now(), action="promote", model=name, alias=to, version=int(source.version),
         previous_version=int(current.version) if current else None, f1=f1_of(source),
         previous_f1=f1_of(current) if current else None,
         eval_set_hash=source.tags.get("eval.set_hash"), forced=force, reason=reason,
@@ -264,7 +264,7 @@ def rollback(name: str, alias: str = "production") -> Event:
     client().set_registered_model_alias(name, alias, previous.version)
     clear_legacy_stages(name)
     event = Event(
-        time=_now(), action="rollback", model=name, alias=alias,
+        time=utc_now(), action="rollback", model=name, alias=alias,
         version=int(previous.version), previous_version=int(current.version),
         f1=f1_of(previous), previous_f1=f1_of(current),
         eval_set_hash=previous.tags.get("eval.set_hash"), forced=False,

@@ -1,0 +1,126 @@
+"""What happens to a version once registered: the gate's verdict against an alias holder, tagged
+on the version, and a person's decision on it, recorded in the model's history.
+
+After every run `judge` compares the new version with the holder of `@staging` on the same
+questions (the paired bootstrap of `squadtune.gate`), tags the verdict on the version
+(`squadtune.gate.staging.*`) and, when asked to and the gate passes, promotes it. A person's
+approval or rejection for `@production` (or its expiry) is `record_decision`: tags
+`squadtune.approval.production.*` and a row of the promotion history. No Prefect here: the callers
+hold the registry's concurrency slot.
+"""
+
+from __future__ import annotations
+
+import getpass
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import pandas as pd
+
+from squadtune import registry
+from squadtune.gate import Gate, PromotionRefused, check, f1_of
+
+Outcome = Literal["passed", "refused", "holds"]
+Decision = Literal["approve", "reject", "expire"]
+DECIDED = {"approve": "approved", "reject": "rejected", "expire": "expired"}
+
+
+@dataclass
+class Verdict:
+    """The gate's answer for one version against the holder of one alias."""
+
+    model: str
+    version: int
+    alias: str
+    outcome: Outcome  # holds: the version already holds the alias, nothing was compared
+    reason: str  # one line: the scores, the interval and the rule, or why it was refused
+    gate: str  # the rule, e.g. "ci, min_delta 0"
+    against: int | None = None  # the holder's version, None when nobody holds the alias
+    f1: float | None = None
+    against_f1: float | None = None
+    f1_delta: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    questions: int | None = None
+    better: int | None = None
+    worse: int | None = None
+    moved: bool = False  # the version holds the alias now, moved by this verdict
+    changed: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def tags(self) -> dict[str, str]:
+        prefix = f"squadtune.gate.{self.alias}."
+        values = {
+            "verdict": self.outcome, "against": self.against, "rule": self.gate,
+            "f1_delta": self.f1_delta, "ci_low": self.ci_low, "ci_high": self.ci_high,
+            "questions": self.questions, "better": self.better, "worse": self.worse,
+            "reason": self.reason, "at": registry.utc_now(),
+        }
+        return {prefix + k: (f"{v:.4f}" if isinstance(v, float) else str(v))
+                for k, v in values.items() if v is not None}
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def judge(name: str, version: int, alias: str, gate: Gate, move: bool) -> Verdict:
+    """Compare `version` with the holder of `@alias`, tag the verdict on the version, and move
+    the alias to it when `move` and the gate passes. The caller holds the registry's slot."""
+    c = registry.client()
+    source = c.get_model_version(name, str(version))
+    current = registry.holder(name, alias)
+    rule = f"{gate.rule}, min_delta {gate.min_delta:g}"
+    verdict = Verdict(model=name, version=int(version), alias=alias, outcome="passed",
+                      reason="", gate=rule, f1=f1_of(source))
+    if current is not None:
+        verdict.against, verdict.against_f1 = int(current.version), f1_of(current)
+    if verdict.against == verdict.version:
+        verdict.outcome, verdict.reason = "holds", f"version {version} already holds @{alias}"
+        return verdict
+    try:
+        comparison = check(name, source, alias, current, gate)
+        verdict.reason = (
+            f"no version holds @{alias}: nothing to compare with" if current is None
+            else f"passed ({rule}): F1 {verdict.f1:.2f} against {verdict.against_f1:.2f}"
+            + (f"; {comparison.summary()}" if comparison else "")
+        )
+    except PromotionRefused as refused:
+        comparison = refused.comparison
+        verdict.outcome, verdict.reason = "refused", str(refused)
+    if comparison is not None:
+        verdict.f1_delta, verdict.ci_low, verdict.ci_high = (
+            comparison.delta, comparison.ci_low, comparison.ci_high)
+        verdict.questions, verdict.changed = comparison.questions, comparison.changed
+        verdict.better = sum(row["f1_delta"] > 0 for row in comparison.changed)
+        verdict.worse = len(comparison.changed) - verdict.better
+    for key, value in verdict.tags().items():
+        c.set_model_version_tag(name, str(version), key, value)
+    if move and verdict.outcome == "passed":
+        registry.promote(name, alias, version, gate)
+        verdict.moved = True
+    return verdict
+
+
+def record_decision(name: str, version: int, alias: str, decision: Decision, reviewer: str,
+                    reason: str, flow_run_id: str | None = None) -> dict[str, Any]:
+    """A person's decision on `version` for `@alias` (or its expiry): tags on the version and a
+    row of the model's promotion history. Moves no alias."""
+    c = registry.client()
+    source = c.get_model_version(name, str(version))
+    current = registry.holder(name, alias)
+    event = registry.Event(
+        time=registry.utc_now(), action=decision, model=name, alias=alias, version=int(version),
+        previous_version=int(current.version) if current else None, f1=f1_of(source),
+        previous_f1=f1_of(current) if current else None,
+        eval_set_hash=source.tags.get("eval.set_hash"), forced=False, reason=reason,
+        actor=reviewer or getpass.getuser(),
+    )
+    row = {k: v for k, v in asdict(event).items() if k != "changed"}
+    c.log_table(registry.history_run_id(name), data=pd.DataFrame([row]),
+                artifact_file=registry.HISTORY_FILE)
+    prefix = f"squadtune.approval.{alias}."
+    tags = {"decision": DECIDED[decision], "by": event.actor, "reason": reason, "at": event.time}
+    if flow_run_id:
+        tags["flow_run_id"] = flow_run_id
+    for key, value in tags.items():
+        c.set_model_version_tag(name, str(version), prefix + key, value)
+    return row

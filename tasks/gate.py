@@ -1,0 +1,106 @@
+"""After every run: the gate compares the new version with the holder of `@staging` on the same
+questions, and moves it there when it passes (`registry.auto_promote`).
+
+The verdict lands where people look: tags on the version (`squadtune.gate.staging.*`), a Prefect
+markdown artifact `gate` and a table `gate-questions` of every question whose F1 changed, and the
+same table in the run's MLflow artifacts. A move to `@staging` emits `squadtune.model.staged`, the
+event the `approve` deployment's trigger answers by asking a person about `@production`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prefect import task
+
+from squadtune import review
+from tasks.outputs import Registration
+from tasks.registry_lock import registry_lock
+from tasks.stage import Run
+
+# Every gate reads two predictions tables: MLflow's per-download progress bars would be the bulk
+# of what a promotion or an approval prints.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+STAGED = "squadtune.model.staged"
+TABLE = "gate/staging_comparison.json"
+
+
+def questions_table(changed: list[dict]) -> list[dict]:
+    keys = ("id", "question", "answer", "f1", "previous_answer", "previous_f1")
+    return [{k: row[k] for k in keys} for row in changed]
+
+
+def _f1(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def verdict_markdown(verdict: review.Verdict) -> str:
+    """The verdict as a reviewer reads it: both scores, the interval, the rule, what moved."""
+    title = f"# {verdict.model} v{verdict.version} against @{verdict.alias}: {verdict.outcome}"
+    if verdict.moved:
+        title += f", now @{verdict.alias}"
+    holder = f"@{verdict.alias} v{verdict.against}" if verdict.against else "(nobody)"
+    lines = [
+        title, "",
+        f"| | v{verdict.version} (new) | {holder} |", "|---|---|---|",
+        f"| F1 | {_f1(verdict.f1)} | {_f1(verdict.against_f1)} |",
+    ]
+    if verdict.ci_low is not None:
+        lines += [
+            "", f"F1 difference **{verdict.f1_delta:+.2f}** (95% CI {verdict.ci_low:+.2f} to "
+            f"{verdict.ci_high:+.2f}) on {verdict.questions} questions: {verdict.better} better, "
+            f"{verdict.worse} worse (table `gate-questions`).",
+        ]
+    lines += ["", f"Gate `{verdict.gate}`: {verdict.reason}"]
+    if verdict.moved:
+        lines += ["", "@production waits for a person: the `approve` deployment asks in the "
+                  "Prefect UI (a paused flow run with a form)."]
+    return "\n".join(lines)
+
+
+def publish(run: Run, verdict: review.Verdict) -> None:
+    import mlflow
+    import pandas as pd
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    create_markdown_artifact(verdict_markdown(verdict), key="gate",
+                             description=f"{verdict.model} v{verdict.version}: {verdict.outcome}")
+    if verdict.changed:
+        create_table_artifact(questions_table(verdict.changed), key="gate-questions",
+                              description=verdict.reason[:500])
+        if run.mlflow_run_id:
+            mlflow.MlflowClient().log_table(run.mlflow_run_id, artifact_file=TABLE,
+                                            data=pd.DataFrame(questions_table(verdict.changed)))
+
+
+def announce(verdict: review.Verdict) -> None:
+    """`squadtune.model.staged`: the fact an approval request hangs on (an automation)."""
+    from prefect.events import emit_event
+
+    emit_event(
+        event=STAGED,
+        resource={
+            "prefect.resource.id": f"mlflow.model-version.{verdict.model}.{verdict.version}",
+            "prefect.resource.name": f"{verdict.model} v{verdict.version}",
+            "squadtune.model": verdict.model,
+            "squadtune.version": str(verdict.version),
+            "squadtune.alias": verdict.alias,
+        },
+        payload={"reason": verdict.reason, "replaced": verdict.against, "f1": verdict.f1},
+    )
+
+
+@task(name="gate_candidate", log_prints=True)
+def gate_candidate(run: Run, registered: Registration) -> dict[str, Any]:
+    """Compare the new version with @staging on the same questions; move it when the gate passes."""
+    registry = run.config.registry
+    with registry_lock():
+        verdict = review.judge(registered.model_name, registered.version, "staging",
+                               registry.gate, move=registry.auto_promote == "staging")
+    print(f"gate: {verdict.model} v{verdict.version}: {verdict.reason}")
+    publish(run, verdict)
+    if verdict.moved:
+        announce(verdict)
+    return {k: v for k, v in verdict.as_dict().items() if k != "changed"}
+

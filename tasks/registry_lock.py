@@ -1,0 +1,46 @@
+"""The registry's one concurrency slot: every change to aliases (a promotion from the CLI, the UI
+or a deployment, the gate after a run, an approval) happens while holding it.
+
+It is the Prefect global concurrency limit `squadtune-registry` (one slot), which lives in
+Prefect's database and so holds across processes and hosts that share the Prefect API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+LIMIT = "squadtune-registry"
+
+
+def ensure_limit() -> None:
+    """Create the one-slot limit on first use (idempotent, safe when two processes race)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import (
+        GlobalConcurrencyLimitCreate,
+        GlobalConcurrencyLimitUpdate,
+    )
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            limit = client.read_global_concurrency_limit_by_name(LIMIT)
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):
+                client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=LIMIT, limit=1)
+                )
+            return
+        if limit.limit != 1 or not limit.active:  # someone widened it: that breaks the guarantee
+            client.update_global_concurrency_limit(
+                LIMIT, GlobalConcurrencyLimitUpdate(limit=1, active=True)
+            )
+
+
+@contextlib.contextmanager
+def registry_lock() -> Iterator[None]:
+    from prefect.concurrency.sync import concurrency
+
+    ensure_limit()
+    with concurrency(LIMIT, occupy=1, strict=True):
+        yield
