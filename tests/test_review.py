@@ -1,0 +1,127 @@
+"""What happens to a version once registered: the gate's verdict after every run (tags, the move to
+@staging), a person's decision recorded without moving anything, and the approve flow's paths that
+never ask (superseded, refused against @production) or ask and get no answer (expiry), on a real
+MLflow SQLite registry whose versions carry per-question predictions tables."""
+
+import shutil
+
+import mlflow
+import pytest
+
+from squadtune import registry, review
+from squadtune.gate import Gate
+from tests.test_registry import NAME, build_registry
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    return build_registry(tmp_path_factory.mktemp("review-template"))
+
+
+@pytest.fixture
+def store(template, tmp_path, monkeypatch):
+    """v1 F1 50 (@candidate), v2 F1 60 (two questions fixed), v3 F1 55 (three fixed, two broken),
+    v4 on another eval set: tests/test_registry.py."""
+    shutil.copy(template, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield mlflow.MlflowClient()
+    mlflow.set_tracking_uri(None)
+    # set_tracking_uri(None) unsets the variable: monkeypatch restores the session's at teardown
+
+
+def holders(client) -> tuple[int | None, int | None]:
+    found = []
+    for alias in ("staging", "production"):
+        try:
+            found.append(int(client.get_model_version_by_alias(NAME, alias).version))
+        except mlflow.exceptions.MlflowException:
+            found.append(None)
+    return tuple(found)
+
+
+def gate_tags(client, version: int) -> dict[str, str]:
+    tags = client.get_model_version(NAME, str(version)).tags
+    return {k.removeprefix("squadtune.gate.staging."): v for k, v in tags.items()
+            if k.startswith("squadtune.gate.staging.")}
+
+
+def test_the_gate_after_a_run_tags_its_verdict_and_moves_only_what_passes(store):
+    first = review.judge(NAME, 1, "staging", Gate(), move=True)
+    assert (first.outcome, first.moved, first.against) == ("passed", True, None)
+    assert holders(store) == (1, None)
+    assert gate_tags(store, 1)["verdict"] == "passed" and "nothing to compare" in first.reason
+
+    # v3 fixes three of v1's misses and breaks two: a noisy gain the paired bootstrap refuses.
+    noisy = review.judge(NAME, 3, "staging", Gate(), move=True)
+    assert (noisy.outcome, noisy.moved, noisy.against) == ("refused", False, 1)
+    assert (noisy.better, noisy.worse, noisy.questions) == (3, 2, 20)
+    assert noisy.ci_low < 0 < noisy.ci_high and noisy.f1_delta == pytest.approx(5.0)
+    assert holders(store) == (1, None), "a refused version does not move"
+    tags = gate_tags(store, 3)
+    assert (tags["verdict"], tags["against"], tags["better"], tags["worse"]) == (
+        "refused", "1", "3", "2")
+    assert float(tags["ci_low"]) == pytest.approx(noisy.ci_low, abs=1e-4)
+    assert "3 better, 2 worse" in tags["reason"]
+    assert sorted(r["id"] for r in noisy.changed) == ["q0", "q1", "q2", "q3", "q4"]
+
+    # v2 never loses a question: it passes; asked only to compare, it stays where it is.
+    compared = review.judge(NAME, 2, "staging", Gate(), move=False)
+    assert (compared.outcome, compared.moved, compared.better, compared.worse) == (
+        "passed", False, 2, 0)
+    assert holders(store) == (1, None)
+    assert review.judge(NAME, 1, "staging", Gate(), move=True).outcome == "holds"
+    history = [(h["action"], h["alias"], h["version"]) for h in registry.read_history(NAME)]
+    assert history == [("promote", "staging", 1)], "only the one move is in the history"
+
+
+def test_a_decision_is_recorded_and_moves_no_alias(store):
+    review.judge(NAME, 2, "staging", Gate(), move=True)
+    review.record_decision(NAME, 2, "production", "reject", "alice", "F1 too low on dates",
+                           "run-1")
+    assert holders(store) == (2, None)
+    last = registry.read_history(NAME)[-1]
+    assert (last["action"], last["version"], last["actor"], last["reason"]) == (
+        "reject", 2, "alice", "F1 too low on dates")
+    tags = store.get_model_version(NAME, "2").tags
+    assert tags["squadtune.approval.production.decision"] == "rejected"
+    assert tags["squadtune.approval.production.by"] == "alice"
+    assert tags["squadtune.approval.production.flow_run_id"] == "run-1"
+    assert registry.holders_of(registry.read_history(NAME), "production") == []
+
+
+def approve_state(version: int, **kwargs):
+    from flows.approval import approve
+
+    return approve(NAME, version, return_state=True, **kwargs)
+
+
+def test_an_unanswered_approval_expires_and_leaves_the_aliases(store, prefect_harness):
+    review.judge(NAME, 2, "staging", Gate(), move=True)
+    state = approve_state(2, timeout_hours=1 / 3600)  # one second
+    # Prefect's server fails a pause past its timeout itself; the run recorded the expiry first.
+    assert state.is_failed() and "expired" in state.message, (state.name, state.message)
+    assert holders(store) == (2, None)
+    last = registry.read_history(NAME)[-1]
+    assert (last["action"], last["alias"], last["version"]) == ("expire", "production", 2)
+    assert store.get_model_version(NAME, "2").tags[
+        "squadtune.approval.production.decision"] == "expired"
+
+
+def test_approval_is_not_asked_for_a_superseded_or_worse_version(store, prefect_harness):
+    for version in (1, 2):
+        review.judge(NAME, version, "staging", Gate(rule="mean"), move=True)
+    registry.promote(NAME, "production", 2)
+    state = approve_state(1)  # v2 replaced it at @staging
+    assert (state.name, state.is_completed()) == ("Skipped", True)
+    assert "v1 no longer holds @staging (v2 does)" in state.message
+
+    review.judge(NAME, 3, "staging", Gate(rule="mean", min_delta=-10), move=True)
+    state = approve_state(3)  # F1 55 against @production's 60: the gate refuses, nobody is asked
+    assert state.name == "Skipped" and "version 3 has F1 55.00" in state.message
+    assert holders(store) == (3, 2)
+    assert gate_tags(store, 3)["verdict"] == "passed"
+    production = store.get_model_version(NAME, "3").tags
+    assert production["squadtune.gate.production.verdict"] == "refused"
+    assert "squadtune.approval.production.decision" not in production
