@@ -40,8 +40,12 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m "not gpu"
 
-## test-gpu: the tests that need CUDA (the QLoRA recipe in 4-bit + fp16, bf16); on a GPU machine
+## test-gpu: the tests that need CUDA (the QLoRA recipe in 4-bit + fp16, bf16); on a GPU machine.
+## Without CUDA it fails at once: pytest would skip every GPU test and exit 0, a pass that tested
+## nothing.
 test-gpu: $(STAMP)
+	@$(BIN)/python -c "import sys, torch; torch.cuda.is_available() or sys.exit( \
+		'make test-gpu needs a CUDA device: torch.cuda.is_available() is False here')"
 	$(BIN)/python -m pytest -m gpu -v
 
 lint: $(STAMP)
@@ -52,9 +56,16 @@ up: $(STAMP)
 	$(BIN)/python deployments/servers.py up
 
 ## deploy: register deployments/prefect.yaml's deployments with the server `make up` started
-deploy: $(STAMP)
+deploy: $(STAMP) data/heldout.json
 	. .squadtune/servers/env && cd $(CURDIR) && \
 	$(BIN)/prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml
+
+## the retrain preset's fixed held-out questions (40 of dev article 0); its training data is
+## whatever lands in data/incoming/
+data/heldout.json: | $(STAMP)
+	mkdir -p data/incoming
+	$(BIN)/python -m flows.sample_squad ../shared/data/squad/dev-v1.1.json.gz $@ \
+		--questions 40 --article 0
 
 ## down: stop exactly the processes `make up` started
 down:

@@ -1,4 +1,5 @@
-"""Start and stop the local services: a Prefect server, a lean MLflow server, one worker per pool.
+"""Start and stop the local services: a Prefect server, a lean MLflow server, one worker per pool,
+and a data watcher per retraining deployment.
 
     python deployments/servers.py up      # what `make up` runs
     python deployments/servers.py down    # stops exactly what `up` started (pid files)
@@ -91,6 +92,25 @@ class Services:
         return True
 
 
+def prefect_server(svc: Services, port: int) -> None:
+    """Start the Prefect server on its SQLite database in the state dir, and wait for it."""
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        "PREFECT_HOME": str(svc.state / "prefect-home"),
+        "PREFECT_API_DATABASE_CONNECTION_URL":
+            f"sqlite+aiosqlite:///{svc.state / 'prefect-server.db'}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_API_URL": f"{url}/api",
+        "DO_NOT_TRACK": "1",
+    }
+    proc, log = svc.start(
+        "prefect-server",
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env, f"--port {port}",
+    )
+    wait_http(f"{url}/api/health", 120, proc, log)
+
+
 def up(args) -> None:
     svc = Services(args.state_dir)
     state = svc.state
@@ -99,20 +119,7 @@ def up(args) -> None:
     mlflow_url = f"http://127.0.0.1:{args.mlflow_port}"
     backend = args.mlflow_backend or f"sqlite:///{state / 'mlflow.db'}"
     artifacts = args.mlflow_artifacts or str(state / "mlartifacts")
-    prefect_env = {
-        "PREFECT_HOME": str(state / "prefect-home"),
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{state / 'prefect-server.db'}",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_API_URL": f"{prefect_url}/api",
-        "DO_NOT_TRACK": "1",
-    }
-    proc, log = svc.start(
-        "prefect-server",
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-         str(args.prefect_port)],
-        prefect_env, f"--port {args.prefect_port}",
-    )
-    wait_http(f"{prefect_url}/api/health", 120, proc, log)
+    prefect_server(svc, args.prefect_port)
     proc, log = svc.start(
         "mlflow-server",
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(args.mlflow_port),
@@ -138,18 +145,28 @@ def up(args) -> None:
              "PATH": f"{BIN}:{os.environ.get('PATH', '')}"},
             f"--pool {pool}",
         )
+    for deployment in args.watch:  # it waits for `make deploy` to create the deployment
+        svc.start(
+            f"watch-{deployment.rsplit('/', 1)[-1]}",
+            [str(BIN / "squadtune"), "watch", "--deployment", deployment, "--refresh",
+             str(args.watch_refresh)],
+            {**client_env, "PREFECT_HOME": str(state / "prefect-home")},
+            f"--deployment {deployment}",
+        )
     (svc.run_dir / "env").write_text("".join(f"export {k}={v}\n" for k, v in client_env.items()))
     print(f"Prefect UI + API  {prefect_url}   (API {prefect_url}/api)")
     print(f"MLflow UI + API   {mlflow_url}")
     print(f"workers           {', '.join(args.pools)} (process pools)")
+    if args.watch:
+        print(f"data watchers     {', '.join(args.watch)} (announce changes of their data)")
     print(f"point clients at them:  source {svc.run_dir / 'env'}")
 
 
 def down(args) -> None:
     svc = Services(args.state_dir)
     names = sorted(p.stem for p in svc.run_dir.glob("*.pid")) if svc.run_dir.exists() else []
-    # Workers first, so no flow run starts while the servers go away.
-    for name in sorted(names, key=lambda n: not n.startswith("worker-")):
+    # Watchers and workers first, so no flow run starts while the servers go away.
+    for name in sorted(names, key=lambda n: not n.startswith(("worker-", "watch-"))):
         print(f"{name}: {'stopped' if svc.stop(name) else 'was not running'}")
     (svc.run_dir / "env").unlink(missing_ok=True)
 
@@ -169,6 +186,10 @@ def main() -> None:
     parser.add_argument("--mlflow-port", type=int, default=5000)
     parser.add_argument("--pools", nargs="*", default=["local", "gpu"])
     parser.add_argument("--worker-poll-seconds", type=float, default=5)
+    parser.add_argument("--watch", nargs="*", default=["finetune/finetune-retrain"],
+                        help="deployments whose training data `squadtune watch` follows")
+    parser.add_argument("--watch-refresh", type=float, default=60,
+                        help="seconds between the watchers' reads of their deployment's config")
     parser.add_argument("--mlflow-backend", default=None,
                         help="e.g. postgresql://user:pw@127.0.0.1/mlflow (default: SQLite)")
     parser.add_argument("--mlflow-artifacts", default=None,

@@ -1,4 +1,5 @@
-"""`squadtune`: run the pipeline, score predictions, ask a registered model.
+"""`squadtune`: run the pipeline, score predictions, ask a registered model, promote it, watch
+its training data.
 
 Config errors are reported before Prefect, MLflow or torch are even imported.
 """
@@ -147,6 +148,12 @@ def cmd_rollback(args) -> int:
     return _finish(rollback(args.model, args.alias, return_state=True))
 
 
+def cmd_watch(args) -> int:
+    from flows.watch import run
+
+    return run(args)
+
+
 def _finish(state) -> int:
     """Print the event, or the refusal's one line (exit 2)."""
     if not state.is_completed():
@@ -220,6 +227,16 @@ def parser() -> argparse.ArgumentParser:
     rollback.add_argument("--state-dir", default=".squadtune",
                           help="local state when no server is set")
     rollback.set_defaults(fn=cmd_rollback)
+    watch = sub.add_parser("watch", help="announce changes of a deployment's training data as "
+                           "Prefect events (its trigger starts the retraining run)")
+    watch.add_argument("--deployment", required=True, help="e.g. finetune/finetune-retrain")
+    watch.add_argument("--once", action="store_true", help="check once, announce, and exit")
+    watch.add_argument("--settle", type=float, default=2.0,
+                       help="seconds the files must be quiet before a change is checked")
+    watch.add_argument("--refresh", type=float, default=60.0,
+                       help="seconds between reads of the deployment's config (a config edited "
+                       "in the UI takes effect)")
+    watch.set_defaults(fn=cmd_watch)
     return p
 
 
