@@ -19,9 +19,17 @@ from tests.conftest import build_until_lora, tiny_config_dict, write_squad
 
 
 @pytest.fixture(scope="module")
-def setup(small_squad_file, tmp_path_factory):
+def setup(small_squad_file, squad_doc, tmp_path_factory):
+    """The first four stages of a tiny config. Its held-out split is one paragraph (article 7's
+    first): the held-out loss every `eval_steps` is then one batch, not the 2 articles a split of
+    the training file holds, which made it most of the resume test's time."""
     root = tmp_path_factory.mktemp("train")
-    config = PipelineConfig.model_validate(tiny_config_dict(small_squad_file, root))
+    article = squad_doc["data"][7]
+    heldout = write_squad(root / "heldout.json", [{"title": article["title"],
+                                                   "paragraphs": article["paragraphs"][:1]}])
+    raw = tiny_config_dict(small_squad_file, root)
+    raw["data"]["eval_files"] = [str(heldout)]
+    config = PipelineConfig.model_validate(raw)
     return config, root, build_until_lora(config, root)
 
 
