@@ -100,8 +100,9 @@ def approve_state(version: int, **kwargs):
 def test_an_unanswered_approval_expires_and_leaves_the_aliases(store, prefect_harness):
     review.judge(NAME, 2, "staging", Gate(), move=True)
     state = approve_state(2, timeout_hours=1 / 3600)  # one second
-    # Prefect's server fails a pause past its timeout itself; the run recorded the expiry first.
-    assert state.is_failed() and "expired" in state.message, (state.name, state.message)
+    # Prefect's server fails a pause past its timeout itself (its own message); the run
+    # recorded the expiry first.
+    assert state.is_failed(), (state.name, state.message)
     assert holders(store) == (2, None)
     last = registry.read_history(NAME)[-1]
     assert (last["action"], last["alias"], last["version"]) == ("expire", "production", 2)
