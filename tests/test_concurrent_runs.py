@@ -8,6 +8,7 @@ there by whichever run comes first, as on a fresh checkout.
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,6 +51,24 @@ def only_output(state: Path, stage: str) -> Path:
     return directory
 
 
+# What `tasks.lease.lease` prints (through the flow's log_prints) while another process builds a
+# stage output this run needs, and once that process lets go of it.
+WAITING = re.compile(r"stage (\w+) \((\w+)\) is held by pid (\d+) on [^,\n]+, "
+                     r"flow run ([0-9a-f-]+), since [^;\n]+; waiting for it")
+
+
+def stage_waits(output: str) -> list[dict]:
+    """Each stage lease this CLI output waited for, with the holder it names."""
+    waits = []
+    for match in WAITING.finditer(output):
+        stage, key, pid, flow_run = match.groups()
+        released = re.search(rf"stage {stage} \({key}\): released after \d+ s",
+                             output[match.end():])
+        waits.append({"stage": stage, "key": key, "pid": int(pid), "flow_run": flow_run,
+                      "released": released is not None})
+    return waits
+
+
 def test_two_runs_started_together_leave_one_valid_result(tmp_path, small_squad_file):
     config = write_config(tmp_path, small_squad_file, "squadtune-test-race", max_steps=8)
     first, second = cli(config), cli(config)
@@ -79,6 +98,22 @@ def test_two_runs_started_together_leave_one_valid_result(tmp_path, small_squad_
     kinds = sorted(r.data.tags["squadtune.run_kind"] for r in runs.values())
     assert kinds.count("trained") == 1, kinds  # one run trained, the other used its adapter
     assert trained["mlflow_run_id"] in runs
+
+    # The runs overlapped: a run waited on a stage lease the other held, and the message names
+    # that process and its flow run; the stage waited for is then the finished output it used,
+    # and whoever held the training stage is the run that trained. Runs one after the other wait
+    # for nothing; runs that ignored the lease would not have waited either.
+    flow_run = [runs[s["mlflow_run_id"]].data.tags["prefect.flow_run_id"] for s in summaries]
+    pids = [first.pid, second.pid]
+    waits = [stage_waits(out + err) for out, err in outs]
+    assert any(waits), f"neither run waited for the other: {[err[-3000:] for _, err in outs]}"
+    for me, other in ((0, 1), (1, 0)):
+        for wait in waits[me]:
+            assert (wait["pid"], wait["flow_run"]) == (pids[other], flow_run[other]), wait
+            assert wait["released"], wait
+            assert read_manifest(state / "artifacts" / wait["stage"] / wait["key"]), wait
+            if wait["stage"] == "train":
+                assert summaries[other]["mlflow_run_id"] == trained["mlflow_run_id"], wait
 
 
 def descendants(proc: subprocess.Popen) -> list[psutil.Process]:

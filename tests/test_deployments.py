@@ -204,7 +204,8 @@ def alias_version(client, name, alias):
 def test_cli_and_deployment_promotions_wait_for_each_other(deployed, tmp_path, monkeypatch):
     """While another process holds the registry's slot, neither a CLI promotion nor a deployment
     run moves @production; released, they go one at a time: one holder, each history entry
-    seeing the one before (v2 and v3 race; v2 ends up holding @production either way)."""
+    seeing the one before (v2 and v3 race; v2 ends up holding @production either way), and the
+    v3 run ends as that order says: Failed with the gate's refusal after v2, Completed before it."""
     from tests.test_registry import build_registry
 
     server, name = deployed["env"]["MLFLOW_TRACKING_URI"], "squadtune-race"
@@ -241,13 +242,17 @@ def test_cli_and_deployment_promotions_wait_for_each_other(deployed, tmp_path, m
     assert alias_version(client, name, "production") == 1, "moved while the registry was held"
     holder.communicate("\n", timeout=60)
 
-    cli.wait(300)
+    _, cli_err = cli.communicate(timeout=300)
+    assert cli.returncode == 0, cli_err[-3000:]  # v2 beats v1 and v3: it is promoted either way
+    v3_run = None
     for _ in range(300):
         runs = api(deployed, "flow_runs/filter", {"flow_runs": {
             "name": {"like_": f"promote {name} v3"}}})
         if runs and runs[0]["state_type"] in ("COMPLETED", "FAILED", "CRASHED"):
+            v3_run = runs[0]
             break
         time.sleep(1)
+    assert v3_run is not None, f"the v3 deployment run did not end in 300 s: {runs}"
     assert alias_version(client, name, "production") == 2
     from squadtune import registry
 
@@ -261,4 +266,14 @@ def test_cli_and_deployment_promotions_wait_for_each_other(deployed, tmp_path, m
     assert [h["previous_version"] for h in production][1:] == [
         h["version"] for h in production
     ][:-1], f"each promotion saw the previous one's result: {production}"
-    assert production[-1]["version"] == 2 and {h["version"] for h in production[1:]} >= {2}
+    # v2 first: v3 (F1 55) then faces v2 (F1 60) and is refused, its run Failed with the gate's
+    # reason. v3 first: it beats v1 (F1 50) and its run Completes, then v2 replaces it.
+    order = [h["version"] for h in production]
+    state = (v3_run["state_type"], v3_run["state"]["message"] or "")
+    if order == [1, 2]:
+        assert state[0] == "FAILED", state
+        assert state[1].startswith(f"refused: {name} version 3 has F1 55.00, @production "
+                                   "version 2 has F1 60.00;"), state
+    else:
+        assert order == [1, 3, 2], production
+        assert state[0] == "COMPLETED", state

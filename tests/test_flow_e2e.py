@@ -20,6 +20,7 @@ import torch
 from flows.cli import main as cli
 from flows.finetune import finetune
 from pipeline_config import PipelineConfig
+from tasks.manifest import read_manifest
 from tests.conftest import flow_artifacts, task_states, tiny_config_dict
 
 STAGES = [
@@ -225,7 +226,7 @@ def test_registered_adapter_loads_with_plain_peft_to_the_same_logits(first_run, 
 
 
 def test_run_failed_in_training_reruns_only_from_training(
-    small_squad_file, tmp_path, prefect_harness
+    small_squad_file, tmp_path, prefect_harness, caplog
 ):
     config = PipelineConfig.model_validate(tiny_config_dict(small_squad_file, tmp_path / "state"))
     config.registry.model_name = "squadtune-test-resume"
@@ -242,6 +243,11 @@ def test_run_failed_in_training_reruns_only_from_training(
         filter_string=f"tags.prefect.flow_run_id = '{failed.state_details.flow_run_id}'",
     )
     assert list(failed_run["status"]) == ["FAILED"]
+    (train_dir,) = (tmp_path / "state" / "artifacts" / "train").iterdir()
+    checkpoint = train_dir / "checkpoints" / "checkpoint-2"
+    saved = {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()}
+    assert "adapter_model.safetensors" in saved and "trainer_state.json" in saved
+    caplog.clear()
 
     rerun = finetune(config, return_state=True)
     assert rerun.is_completed(), rerun.message
@@ -251,6 +257,26 @@ def test_run_failed_in_training_reruns_only_from_training(
     assert states["train_adapter"] == "Completed"
     summary = rerun.result()
     assert summary["train_steps"] == 4
-    history = mlflow.MlflowClient().get_metric_history(summary["mlflow_run_id"], "train/loss")
-    # Steps up to the checkpoint are back-filled, later ones were logged live.
-    assert sorted(m.step for m in history) == [1, 2, 3, 4]
+    # A restart from step 0 also ends at step 4 with the same losses (training is seeded), so
+    # what tells a resume apart: where the stage says it started, that it never redid (and so
+    # never saved again) the failed run's checkpoint, that it said so, and that the run measured
+    # only the steps it trained.
+    trained = read_manifest(train_dir)
+    assert (trained["resumed_from_step"], trained["global_step"]) == (2, 4)
+    assert trained["skipped_checkpoints"] == []
+    assert {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()} == saved
+    assert "resuming from checkpoint-2 (step 2 of 4)" in caplog.messages  # the train task's print
+    client = mlflow.MlflowClient()
+    run_id, failed_id = summary["mlflow_run_id"], failed_run["run_id"][0]
+    assert client.get_run(run_id).data.tags["squadtune.run_kind"] == "trained"
+
+    def metric(run: str, name: str) -> dict[int, float]:
+        return {m.step: m.value for m in client.get_metric_history(run, name)}
+
+    # Throughput exists only for steps a run trained itself; steps up to the checkpoint are
+    # back-filled from its history (the failed attempt's values), later ones were logged live.
+    assert sorted(metric(failed_id, "train/tokens_per_second")) == [1, 2]
+    assert sorted(metric(run_id, "train/tokens_per_second")) == [3, 4]
+    losses = metric(run_id, "train/loss")
+    assert sorted(losses) == [1, 2, 3, 4]
+    assert {step: losses[step] for step in (1, 2)} == metric(failed_id, "train/loss")
