@@ -97,16 +97,35 @@ def test_each_preset_is_a_deployment_whose_form_defaults_are_its_yaml(deployed):
 
     deployments = {d["name"]: d for d in api(deployed, "deployments/filter", {})}
     assert set(deployments) == {
-        "finetune-demo", "finetune-gpt2-qlora", "train-gpu", "promote", "rollback"
+        "finetune-demo", "finetune-gpt2-qlora", "finetune-retrain", "check-hub-data",
+        "approve", "train-gpu", "promote", "rollback",
     }
     demo, recipe = deployments["finetune-demo"], deployments["finetune-gpt2-qlora"]
+    retrain = deployments["finetune-retrain"]
     assert demo["parameters"]["config"] == load_config("demo").model_dump(mode="json")
     assert recipe["parameters"]["config"] == load_config(
         "gpt2_squad_qlora", ["training.deployment=train/train-gpu"]
     ).model_dump(mode="json")
+    assert retrain["parameters"]["config"] == load_config("retrain").model_dump(mode="json")
     assert (demo["work_pool_name"], demo["schedules"]) == ("local", [])
     assert recipe["work_pool_name"] == "local"
-    assert [s["active"] for s in recipe["schedules"]] == [False], "weekly, created paused"
+    # Retraining runs when data changes, not on a clock: the hub check's schedule starts paused.
+    assert recipe["schedules"] == [] and retrain["schedules"] == []
+    check = deployments["check-hub-data"]
+    assert [s["active"] for s in check["schedules"]] == [False]
+    assert check["parameters"] == {"deployment": "finetune/finetune-gpt2-qlora"}
+    assert retrain["global_concurrency_limit"]["limit"] == 1, "retraining runs one at a time"
+    assert retrain["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+    automations = {a["name"]: a for a in api(deployed, "automations/filter", {})}
+    data_trigger = automations["retrain finetune-retrain when data/incoming changes"]["trigger"]
+    assert data_trigger["match"] == {
+        "prefect.resource.id": "squadtune.dataset.finetune-retrain"}
+    assert (data_trigger["expect"], data_trigger["for_each"]) == (
+        ["squadtune.data.changed"], ["squadtune.data.key"])
+    approval = automations["ask for @production approval when a version is staged"]
+    (action,) = approval["actions"]
+    assert action["deployment_id"] == deployments["approve"]["id"]
+    assert set(action["parameters"]) == {"model_name", "version"}
     schema = demo["parameter_openapi_schema"]
     assert "config" in schema["properties"], "the run form is the typed PipelineConfig"
     assert "TrainingConfig" in json.dumps(schema["definitions"])

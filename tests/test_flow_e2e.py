@@ -43,7 +43,7 @@ def first_run(small_squad_file, tmp_path_factory, prefect_harness):
 def test_flow_registers_a_candidate_with_lineage_and_a_complete_mlflow_run(first_run):
     config, state = first_run
     summary = state.result()
-    assert set(task_states(state)) == {*STAGES, "report_run"}
+    assert set(task_states(state)) == {*STAGES, "report_run", "gate_candidate"}
 
     client = mlflow.MlflowClient()
     version = client.get_model_version_by_alias(MODEL, "candidate")
@@ -96,6 +96,15 @@ def test_flow_registers_a_candidate_with_lineage_and_a_complete_mlflow_run(first
     assert "**What this run can show**: the base model has random weights" in report
     assert report.count("\n| ") >= 10 + 3
 
+    # The gate after the run: nobody held @staging, so the new version passed and moved there.
+    gate = summary["gate"]
+    assert (gate["outcome"], gate["moved"], gate["against"]) == ("passed", True, None)
+    staged = client.get_model_version_by_alias(MODEL, "staging")
+    assert staged.version == version.version
+    assert client.get_model_version(MODEL, version.version).tags[
+        "squadtune.gate.staging.verdict"] == "passed"
+    assert "against @staging: passed, now @staging" in flow_artifacts(state)["gate"].data
+
 
 def test_second_run_is_all_cache_hits(first_run):
     config, state = first_run
@@ -111,19 +120,21 @@ def test_second_run_is_all_cache_hits(first_run):
     assert rerun.data.tags["squadtune.run_kind"] == "cached"
     assert rerun.data.tags["squadtune.trained_by_run"] == state.result()["mlflow_run_id"]
     assert rerun.data.tags["mlflow.note.content"].startswith("Fully cached re-run")
+    assert again.result()["gate"]["outcome"] == "holds", "the same version already holds @staging"
 
 
-def test_promote_flow_moves_candidate_to_staging_and_publishes_history(first_run, capsys):
+def test_promote_flow_moves_staging_to_production_and_publishes_history(first_run, capsys):
     _, state = first_run
-    version = state.result()["model_version"]
-    assert cli(["promote", MODEL, "--to", "staging"]) == 0
+    version = state.result()["model_version"]  # @staging since its run's gate
+    assert cli(["promote", MODEL, "--to", "production"]) == 0
     event = json.loads(capsys.readouterr().out)
-    assert (event["version"], event["alias"], event["action"]) == (version, "staging", "promote")
+    assert (event["version"], event["alias"], event["action"]) == (version, "production",
+                                                                   "promote")
     client = mlflow.MlflowClient()
-    assert int(client.get_model_version_by_alias(MODEL, "staging").version) == version
+    assert int(client.get_model_version_by_alias(MODEL, "production").version) == version
     # Offering the same version again is refused with a message, not a traceback.
-    assert cli(["promote", MODEL, "--to", "staging"]) == 2
-    assert "already holds @staging" in capsys.readouterr().err
+    assert cli(["promote", MODEL, "--to", "production"]) == 2
+    assert "already holds @production" in capsys.readouterr().err
 
 
 def free_port() -> int:
