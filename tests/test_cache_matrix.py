@@ -16,6 +16,10 @@ from flows.finetune import finetune
 from pipeline_config import PipelineConfig
 from tests.conftest import task_states, tiny_config_dict
 
+# Real flow runs against one state dir: the full suite (make test-all). The same matrix
+# through the stages' keys alone is tests/test_cache_keys.py, in the default suite.
+pytestmark = pytest.mark.slow
+
 DATA = ["load_squad", "format_and_tokenize"]
 BASE, LORA, TRAIN = "prepare_base_model", "apply_lora", "train_adapter"
 EVAL, BASELINE, REGISTER = "evaluate_adapter", "evaluate_baseline", "register_adapter"

@@ -17,10 +17,14 @@ from pathlib import Path
 
 import mlflow
 import psutil
+import pytest
 import yaml
 
 from tasks.manifest import read_manifest
 from tests.conftest import tiny_config_dict
+
+# Races and kills of real `squadtune run` processes: the full suite (make test-all).
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 

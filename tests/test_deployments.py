@@ -206,6 +206,9 @@ import sys
 import time
 from prefect.concurrency.sync import concurrency
 from flows.promote import LIMIT, ensure_limit
+
+# Real servers, deployments and workers: the full suite (make test-all).
+pytestmark = pytest.mark.slow
 ensure_limit()
 with concurrency(LIMIT, strict=True):
     print("held", flush=True)

@@ -23,6 +23,10 @@ from pipeline_config import PipelineConfig
 from tasks.manifest import read_manifest
 from tests.conftest import flow_artifacts, task_states, tiny_config_dict
 
+# Real flow runs end to end: the full suite (make test-all). The stages, the registry
+# and the served model are tested without the flow in the default suite.
+pytestmark = pytest.mark.slow
+
 STAGES = [
     "load_squad", "format_and_tokenize", "prepare_base_model", "apply_lora", "train_adapter",
     "evaluate_adapter", "evaluate_baseline", "register_adapter",

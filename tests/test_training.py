@@ -99,6 +99,7 @@ def test_eight_bit_base_trains_on_cpu(stages, tmp_path):
     assert (tmp_path / "loss_curve.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # real processes (torchrun ranks, a killed CLI): make test-all
 def test_two_gloo_ranks_reach_the_adapter_of_one_process_with_twice_the_batch(
     small_squad_file, tmp_path
 ):
@@ -177,6 +178,7 @@ def finished_output(state_dir, stage):
     return output
 
 
+@pytest.mark.slow  # real processes (torchrun ranks, a killed CLI): make test-all
 def test_flow_killed_with_sigkill_after_an_epoch_resumes_to_the_uninterrupted_adapter(
     small_squad_file, tmp_path, prefect_harness
 ):
