@@ -33,12 +33,13 @@ memorize: $(STAMP)
 run: $(STAMP)
 	$(BIN)/squadtune run --config $(CONFIG) $(ARGS)
 
-## test: the fast CPU suite (slow and GPU tests are marked and skipped)
+## test: the default CPU suite, under 5 minutes (tests marked slow or gpu are skipped)
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
 
+## test-all: what CI runs: the default suite and the flow-level, kill, race and server tests
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -m "not gpu"
+	$(BIN)/python -m pytest -m "not gpu" --durations=25
 
 ## test-gpu: the tests that need CUDA (the QLoRA recipe in 4-bit + fp16, bf16); on a GPU machine.
 ## Without CUDA it fails at once: pytest would skip every GPU test and exit 0, a pass that tested
