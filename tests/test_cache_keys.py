@@ -24,7 +24,16 @@ from tasks.register import register_adapter
 from tasks.stage import Run
 from tasks.train import train_adapter
 from tests.conftest import tiny_config_dict
-from tests.test_cache_matrix import BASE, BASELINE, EVAL, LORA, REGISTER, STAGES, TRAIN
+from tests.test_cache_matrix import (
+    BASE,
+    BASELINE,
+    EVAL,
+    LORA,
+    REGISTER,
+    STAGES,
+    TRAIN,
+    changed,
+)
 
 
 def stand_in(output_type, key: str):
@@ -79,13 +88,7 @@ def base_keys(small_squad_file, tmp_path_factory):
 )
 def test_a_config_change_changes_exactly_the_keys_downstream(base_keys, key, value, expected):
     raw, before = base_keys
-    raw = copy.deepcopy(raw)
-    section, *path, field = key.split(".")
-    node = raw[section]
-    for part in path:
-        node = node[part]
-    node[field] = value
-    after = stage_keys(raw)
+    after = stage_keys(changed(raw, key, value))
     assert {stage for stage in STAGES if after[stage] != before[stage]} == expected
 
 

@@ -65,13 +65,18 @@ def matrix(small_squad_file, tmp_path_factory, prefect_harness):
     ],
 )
 def test_a_config_change_reruns_exactly_the_stages_downstream(matrix, key, value, expected):
-    raw = copy.deepcopy(matrix)
+    assert rerun(changed(matrix, key, value)) == expected
+
+
+def changed(raw: dict, key: str, value) -> dict:
+    """A copy of the raw config with the dotted `key` set to `value`."""
+    raw = copy.deepcopy(raw)
     section, *path, field = key.split(".")
     node = raw[section]
     for part in path:
         node = node[part]
     node[field] = value
-    assert rerun(raw) == expected
+    return raw
 
 
 def output_dirs(raw: dict, stage: str):

@@ -3,32 +3,15 @@
 never ask (superseded, refused against @production) or ask and get no answer (expiry), on a real
 MLflow SQLite registry whose versions carry per-question predictions tables."""
 
-import shutil
-
 import mlflow
 import pytest
 
 from squadtune import registry, review
 from squadtune.gate import Gate
-from tests.test_registry import NAME, build_registry
 
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return build_registry(tmp_path_factory.mktemp("review-template"))
-
-
-@pytest.fixture
-def store(template, tmp_path, monkeypatch):
-    """v1 F1 50 (@candidate), v2 F1 60 (two questions fixed), v3 F1 55 (three fixed, two broken),
-    v4 on another eval set: tests/test_registry.py."""
-    shutil.copy(template, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    yield mlflow.MlflowClient()
-    mlflow.set_tracking_uri(None)
-    # set_tracking_uri(None) unsets the variable: monkeypatch restores the session's at teardown
+# The registry of tests/test_registry.py: v1 F1 50 (@candidate), v2 F1 60 (two of v1's misses
+# fixed), v3 F1 55 (three fixed, two broken), v4 on another eval set; a copy per test.
+from tests.test_registry import NAME, store, template  # noqa: F401 - fixtures
 
 
 def holders(client) -> tuple[int | None, int | None]:
