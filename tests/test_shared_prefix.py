@@ -284,33 +284,47 @@ def test_packed_loss_and_gradients_equal_unshared(tokenized, tokenizer, tmp_path
         assert torch.allclose(shared_grads[name], grad, rtol=1e-3, atol=1e-6), name
 
 
-def test_f1_callback_logs_during_real_training_on_a_4bit_base(
-    tokenized, tokenizer, dev_rows, tmp_path
-):
-    """A real Trainer on packed paragraphs of a 4-bit base: the callback answers held-out
-    questions at steps 0, 2 and 4 with the trainer's model, and training goes on after each
-    eval-mode generation (the bitsandbytes CPU repacking trap)."""
+def test_f1_callback_logs_during_real_training_on_a_4bit_base(tokenizer, session_tmp, tmp_path):
+    """A real Trainer on packed paragraphs of a 4-bit base, in the memorise setting
+    (`tests/memorise.py`): the callback answers the four trained questions at steps 0, 8 and
+    16 with the trainer's model, training goes on after each eval-mode generation (the
+    bitsandbytes CPU repacking trap), and the curve rises from nothing to the final model's
+    score."""
+    from datasets import load_from_disk
+    from peft import PeftModel
     from transformers import TrainingArguments
 
     from squadtune.metrics import score
+    from squadtune.modeling import load_base_model, prepare_for_training
     from squadtune.trainer import answer_only_trainer
+    from tasks.evaluate import eval_questions
+    from tests.memorise import memorise_stages
 
+    s = memorise_stages(session_tmp / "memorise")
+    config, tokenized = s["run"].config, s["tokenized"]
     user = tokenizer.convert_tokens_to_ids(USER)
-    packed = shared_training.pack_paragraphs(tokenized, max_seq_len=384, branch_token_id=user)
-    heldout = {k: [r[k] for r in dev_rows[-6:]] for k in ("id", "context", "question",
-                                                           "answers")}
-    model = trainable_model(tokenizer, tmp_path / "base", quantized=True)
+    packed = shared_training.pack_paragraphs(
+        load_from_disk(str(tokenized.split_dir("train"))), 2 * tokenized.max_seq_len, user
+    )
+    questions = eval_questions(tokenized.squad, config.evaluation)
+    heldout = {k: list(questions[k]) for k in ("id", "context", "question", "answers")}
+    model = load_base_model(s["base"].spec(), config.quantization, device="cpu")
+    model = PeftModel.from_pretrained(prepare_for_training(model, gradient_checkpointing=False),
+                                      str(s["lora"].adapter_dir), is_trainable=True)
     logged = []
-    generation = Generation(max_new_tokens=4, batch_size=6, max_prompt_tokens=384)
+    generation = Generation(max_new_tokens=config.evaluation.max_new_tokens, batch_size=4,
+                            max_prompt_tokens=tokenized.max_seq_len)
     callback = shared_training.f1_callback(
         tokenizer, heldout, lambda metrics, step: logged.append((step, metrics)), generation,
-        every_steps=2,
+        every_steps=8,
     )
+    training = config.training
     args = TrainingArguments(
-        output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=2,
-        learning_rate=1e-3, use_cpu=True, report_to="none", remove_unused_columns=False,
-        train_sampling_strategy="group_by_length", length_column_name="length",
-        save_strategy="no", logging_steps=1, disable_tqdm=True,
+        output_dir=str(tmp_path / "out"), max_steps=training.max_steps,
+        per_device_train_batch_size=1, learning_rate=training.learning_rate,
+        lr_scheduler_type=training.lr_scheduler_type, use_cpu=True, report_to="none",
+        remove_unused_columns=False, train_sampling_strategy="group_by_length",
+        length_column_name="length", save_strategy="no", logging_steps=1, disable_tqdm=True,
     )
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     trainer = answer_only_trainer()(
@@ -319,13 +333,14 @@ def test_f1_callback_logs_during_real_training_on_a_4bit_base(
         callbacks=[callback],
     )
     trainer.train()
-    assert [step for step, _ in logged] == [0, 2, 4]
+    assert training.max_steps == 16 and [step for step, _ in logged] == [0, 8, 16]
     for _, metrics in logged:
         assert set(metrics) == {"eval/exact_match", "eval/f1"}
         assert 0 <= metrics["eval/exact_match"] <= metrics["eval/f1"] <= 100
+    assert logged[0][1]["eval/f1"] <= 15 and logged[-1][1]["eval/f1"] >= 90, logged
     assert model.training, "the callback hands the model back in train mode"
     assert all(not torch.equal(before[n], p) for n, p in model.named_parameters()
-               if p.requires_grad and "lora_B" in n), "all four steps trained"
+               if p.requires_grad and "lora_B" in n), "training went on after the generations"
     model.eval()
     answers = generate_answers(model, tokenizer, heldout["context"], heldout["question"],
                                generation)
