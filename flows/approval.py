@@ -11,6 +11,7 @@ waits in Prefect's database and its process polls it, so a server restart leaves
 
 from __future__ import annotations
 
+import time
 from typing import Any, Literal
 
 from prefect import flow, pause_flow_run, task
@@ -52,21 +53,25 @@ def propose(model_name: str, version: int, gate: Gate) -> dict[str, Any]:
                 "reason": f"{model_name} v{version} no longer holds @staging ({holder} does)"}
     with registry_lock():
         verdict = review.judge(model_name, version, ALIAS, gate, move=False)
-    create_markdown_artifact(verdict_markdown(verdict), key="approval-request",
+    described = verdict_markdown(verdict, table="approval-questions")
+    create_markdown_artifact(described, key="approval-request",
                              description=f"{model_name} v{version} for @{ALIAS}")
     if verdict.changed:
-        create_table_artifact(questions_table(verdict.changed), key="approval-questions",
-                              description=verdict.reason[:500])
-    return {"outcome": verdict.outcome, "reason": verdict.reason,
-            "description": verdict_markdown(verdict)}
+        create_table_artifact(
+            questions_table(verdict.changed, f"v{version}", f"v{verdict.against}"),
+            key="approval-questions", description=verdict.reason[:500])
+    return {"outcome": verdict.outcome, "reason": verdict.reason, "description": described}
 
 
 @task(name="decide")
 def decide(model_name: str, version: int, answer: dict[str, str], gate: Gate) -> dict[str, Any]:
     """Record the decision; on approval, promote behind the gate (it may have moved meanwhile)."""
+    print(f"{answer['decision']} v{version} for @{ALIAS}: {answer['reviewer']}, "
+          f"\"{answer['reason']}\"")
     with registry_lock():
         review.record_decision(model_name, version, ALIAS, answer["decision"], answer["reviewer"],
                                answer["reason"], str(flow_run.id))
+        announce(model_name, version, answer)
         if answer["decision"] != "approve":
             return {"decision": answer["decision"], "moved": False}
         staged = registry.holder(model_name, "staging")
@@ -74,15 +79,32 @@ def decide(model_name: str, version: int, answer: dict[str, str], gate: Gate) ->
             if staged is None or int(staged.version) != version:
                 raise PromotionRefused(f"{model_name} v{version} no longer holds @staging")
             reason = f"approved by {answer['reviewer']}: {answer['reason']}"
-            event = registry.promote(model_name, ALIAS, version, gate, reason=reason)
+            with registry.acting_for(answer["reviewer"]):
+                event = registry.promote(model_name, ALIAS, version, gate, reason=reason)
         except InputError as exc:  # a refusal is an answer, not a crash: no traceback
             return {"decision": "approve", "moved": False, "refused": str(exc)}
+    replaced = f"v{event.previous_version}" if event.previous_version else "none"
     create_markdown_artifact(
         f"# {model_name} v{version} is @{ALIAS}\n\nApproved by {answer['reviewer']}: "
-        f"{answer['reason']}. Previous holder: {event.previous_version}.", key="promotion",
+        f"{answer['reason']}. Previous holder: {replaced}.", key="promotion",
     )
     create_table_artifact(registry.read_history(model_name), key="promotion-history")
     return {"decision": "approve", "moved": True, "previous_version": event.previous_version}
+
+
+def announce(model_name: str, version: int, answer: dict[str, str]) -> None:
+    """The decision as an event (squadtune.approval.approved|rejected|expired), beside the
+    staged event it answers in the Prefect event feed."""
+    from prefect.events import emit_event
+
+    emit_event(
+        event=f"squadtune.approval.{review.DECIDED[answer['decision']]}",
+        resource={"prefect.resource.id": f"mlflow.model-version.{model_name}.{version}",
+                  "prefect.resource.name": f"{model_name} v{version}",
+                  "squadtune.model": model_name, "squadtune.version": str(version),
+                  "squadtune.alias": ALIAS},
+        payload={"reviewer": answer["reviewer"], "reason": answer["reason"]},
+    )
 
 
 def _run_name() -> str:
@@ -107,8 +129,12 @@ def approve(model_name: str, version: int, timeout_hours: float = 72.0,
     if proposal["outcome"] != "passed":
         return Completed(name="Skipped", message=f"not proposed: {proposal['reason']}")
     form = Approval.with_initial_data(description=proposal["description"])
+    seconds = max(1, round(timeout_hours * 3600))
+    expires = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() + seconds))
+    print(f"waiting for a person: press Resume on this run in the Prefect UI to approve or reject "
+          f"v{version} for @{ALIAS}, with a reason; the request expires {expires}")
     try:
-        answer = pause_flow_run(wait_for_input=form, timeout=max(1, round(timeout_hours * 3600)))
+        answer = pause_flow_run(wait_for_input=form, timeout=seconds)
     except FlowPauseTimeout:
         decide(model_name, version, {"decision": "expire", "reviewer": "nobody",
                                      "reason": f"no answer within {timeout_hours:g} h"}, gate)

@@ -24,12 +24,19 @@ from tasks.gate import questions_table
 from tasks.registry_lock import LIMIT, ensure_limit, registry_lock
 
 
+def holder_text(event: dict) -> str:
+    if event.get("previous_version") is None:
+        return "none"
+    return f"v{event['previous_version']} (F1 {event['previous_f1']})"
+
+
 def publish_refusal(name: str, exc: InputError) -> None:
     create_markdown_artifact(f"# {name}: refused\n\n{exc}", key="promotion")
     comparison = getattr(exc, "comparison", None)
     if comparison is not None and comparison.changed:
-        create_table_artifact(questions_table(comparison.changed), key="promotion-questions",
-                              description=comparison.summary())
+        new, old = (f"v{v}" for v in comparison.versions)
+        create_table_artifact(questions_table(comparison.changed, new, old),
+                              key="promotion-questions", description=comparison.summary())
 
 
 @task(name="promote_version")
@@ -66,12 +73,14 @@ def publish_history(name: str, event: dict) -> None:
                 f"better, {event['worse']} worse (MLflow table `{event['comparison_table']}`).")
     create_markdown_artifact(
         f"# {name}: version {event['version']} {verb} @{event['alias']}\n\n"
-        f"Previous holder: {event['previous_version']} (F1 {event['previous_f1']}); "
+        f"Previous holder: {holder_text(event)}; "
         f"this version's F1: {event['f1']}. Forced: {event['forced']}. {event['reason']}{gate}",
         key="promotion",
     )
     if event.get("changed"):
-        create_table_artifact(questions_table(event["changed"]), key="promotion-questions")
+        create_table_artifact(questions_table(event["changed"], f"v{event['version']}",
+                                              f"v{event['previous_version']}"),
+                              key="promotion-questions")
     create_table_artifact(registry.read_history(name), key="promotion-history")
 
 

@@ -49,6 +49,7 @@ class Comparison:
     ci_low: float
     ci_high: float
     changed: list[dict[str, Any]] = field(default_factory=list)  # better first, then worse
+    versions: tuple[int, int] | None = None  # (candidate, holder)
 
     def summary(self) -> str:
         better = sum(row["f1_delta"] > 0 for row in self.changed)
@@ -111,6 +112,7 @@ def compare(name: str, version, current) -> Comparison:
         {
             "id": i,
             "question": ours[i]["question"],
+            "gold_answers": ours[i].get("gold_answers"),
             "answer": ours[i]["prediction"],
             "f1": float(ours[i]["f1"]),
             "previous_answer": theirs[i]["prediction"],
@@ -121,7 +123,8 @@ def compare(name: str, version, current) -> Comparison:
         if d != 0
     ]
     changed.sort(key=lambda row: -row["f1_delta"])
-    return Comparison(len(ids), sum(diffs) / len(ids), low, high, changed)
+    return Comparison(len(ids), sum(diffs) / len(ids), low, high, changed,
+                      (int(version.version), int(current.version)))
 
 
 def check(name: str, version, alias: str, current, gate: Gate) -> Comparison | None:

@@ -13,10 +13,13 @@ which every path (CLI, deployment, UI) runs. No Prefect here.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import getpass
 import logging
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,18 +37,20 @@ __all__ = ["Gate", "PromotionRefused", "promote", "rollback", "read_history", "c
 
 @dataclass
 class Event:
+    # Who did what, and why, first: the history table's columns follow this order, and a table
+    # shows its first columns.
     time: str
-    action: str  # promote | rollback
-    model: str
+    action: str  # promote | rollback, or a person's approve | reject, or expire (squadtune.review)
     alias: str
     version: int
+    actor: str
+    reason: str
     previous_version: int | None
+    model: str
     f1: float | None
     previous_f1: float | None
     eval_set_hash: str | None
     forced: bool
-    reason: str
-    actor: str
     gate: str = ""  # e.g. "ci, min_delta 0": the rule that let the version through
     f1_delta: float | None = None
     ci_low: float | None = None
@@ -56,6 +61,24 @@ class Event:
     # Each question whose F1 changed (id, question, both answers and F1s): in the event a user
     # sees, in the comparison table, not in the one-row-per-event history.
     changed: list[dict] = field(default_factory=list, repr=False)
+
+
+# Who is acting: the user running the command, or the person whose approval a flow applies.
+_acting_for: contextvars.ContextVar[str | None] = contextvars.ContextVar("actor", default=None)
+
+
+@contextlib.contextmanager
+def acting_for(person: str) -> Iterator[None]:
+    """Record the registry changes made in this block as `person`'s (an approval's reviewer)."""
+    token = _acting_for.set(person)
+    try:
+        yield
+    finally:
+        _acting_for.reset(token)
+
+
+def actor() -> str:
+    return _acting_for.get() or getpass.getuser()
 
 
 def client():
@@ -224,7 +247,7 @@ def promote(name: str, to: str, version: int | None = None, gate: Gate | None = 
         previous_version=int(current.version) if current else None, f1=f1_of(source),
         previous_f1=f1_of(current) if current else None,
         eval_set_hash=source.tags.get("eval.set_hash"), forced=force, reason=reason,
-        actor=getpass.getuser(), gate="forced" if force else f"{gate.rule}, min_delta "
+        actor=actor(), gate="forced" if force else f"{gate.rule}, min_delta "
         f"{gate.min_delta:g}",
     )
     if comparison is not None:
@@ -268,7 +291,7 @@ def rollback(name: str, alias: str = "production") -> Event:
         version=int(previous.version), previous_version=int(current.version),
         f1=f1_of(previous), previous_f1=f1_of(current),
         eval_set_hash=previous.tags.get("eval.set_hash"), forced=False,
-        reason=f"rollback from version {current.version}", actor=getpass.getuser(),
+        reason=f"rollback from version {current.version}", actor=actor(),
     )
     record(event, None)
     log.info("%s @%s rolled back from version %s to %s", name, alias, current.version,

@@ -11,7 +11,6 @@ hold the registry's concurrency slot.
 
 from __future__ import annotations
 
-import getpass
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -45,18 +44,15 @@ class Verdict:
     better: int | None = None
     worse: int | None = None
     moved: bool = False  # the version holds the alias now, moved by this verdict
+    eval_overlap: int = 0  # held-out questions that were training questions too
     changed: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def tags(self) -> dict[str, str]:
+        """Three tags, so that the version page stays readable: the verdict (searchable), the
+        one-line summary with the interval and the question counts, and when."""
         prefix = f"squadtune.gate.{self.alias}."
-        values = {
-            "verdict": self.outcome, "against": self.against, "rule": self.gate,
-            "f1_delta": self.f1_delta, "ci_low": self.ci_low, "ci_high": self.ci_high,
-            "questions": self.questions, "better": self.better, "worse": self.worse,
-            "reason": self.reason, "at": registry.utc_now(),
-        }
-        return {prefix + k: (f"{v:.4f}" if isinstance(v, float) else str(v))
-                for k, v in values.items() if v is not None}
+        return {prefix + "verdict": self.outcome, prefix + "summary": self.reason,
+                prefix + "at": registry.utc_now()}
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,13 +75,17 @@ def judge(name: str, version: int, alias: str, gate: Gate, move: bool) -> Verdic
     try:
         comparison = check(name, source, alias, current, gate)
         verdict.reason = (
-            f"no version holds @{alias}: nothing to compare with" if current is None
-            else f"passed ({rule}): F1 {verdict.f1:.2f} against {verdict.against_f1:.2f}"
+            f"passed: no version holds @{alias}, nothing to compare with" if current is None
+            else f"passed ({rule}): v{version} F1 {verdict.f1:.2f} against @{alias} "
+            f"v{verdict.against} F1 {verdict.against_f1:.2f}"
             + (f"; {comparison.summary()}" if comparison else "")
         )
     except PromotionRefused as refused:
         comparison = refused.comparison
         verdict.outcome, verdict.reason = "refused", str(refused)
+    if source.run_id:  # a score on training questions is no evidence: the reviewer must know
+        overlap = c.get_run(source.run_id).data.tags.get("squadtune.eval_overlap")
+        verdict.eval_overlap = int(overlap) if overlap else 0
     if comparison is not None:
         verdict.f1_delta, verdict.ci_low, verdict.ci_high = (
             comparison.delta, comparison.ci_low, comparison.ci_high)
@@ -112,7 +112,7 @@ def record_decision(name: str, version: int, alias: str, decision: Decision, rev
         previous_version=int(current.version) if current else None, f1=f1_of(source),
         previous_f1=f1_of(current) if current else None,
         eval_set_hash=source.tags.get("eval.set_hash"), forced=False, reason=reason,
-        actor=reviewer or getpass.getuser(),
+        actor=reviewer or registry.actor(),
     )
     row = {k: v for k, v in asdict(event).items() if k != "changed"}
     c.log_table(registry.history_run_id(name), data=pd.DataFrame([row]),

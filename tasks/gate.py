@@ -26,33 +26,51 @@ STAGED = "squadtune.model.staged"
 TABLE = "gate/staging_comparison.json"
 
 
-def questions_table(changed: list[dict]) -> list[dict]:
-    keys = ("id", "question", "answer", "f1", "previous_answer", "previous_f1")
-    return [{k: row[k] for k in keys} for row in changed]
+def questions_table(changed: list[dict], new: str = "new", old: str = "holder") -> list[dict]:
+    """Each question whose F1 changed, as a reviewer reads it: the question, its gold answers,
+    then each version's answer and F1, labelled with the version."""
+    def gold(row: dict) -> str:
+        answers = row.get("gold_answers")
+        return " | ".join(answers) if isinstance(answers, list) else str(answers or "")
+
+    return [{"question": r["question"], "gold": gold(r), f"{new} answer": r["answer"],
+             f"{new} F1": round(r["f1"], 1), f"{old} answer": r["previous_answer"],
+             f"{old} F1": round(r["previous_f1"], 1), "id": r["id"]} for r in changed]
 
 
 def _f1(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
-def verdict_markdown(verdict: review.Verdict) -> str:
-    """The verdict as a reviewer reads it: both scores, the interval, the rule, what moved."""
-    title = f"# {verdict.model} v{verdict.version} against @{verdict.alias}: {verdict.outcome}"
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "/").replace("\n", " ")[:80]
+
+
+def verdict_markdown(verdict: review.Verdict, table: str | None = "gate-questions") -> str:
+    """The verdict as a reviewer reads it: both scores, the interval, what moved, and the
+    questions that changed most (all of them in the table artifact `table`)."""
+    new, old = f"v{verdict.version}", f"v{verdict.against}" if verdict.against else "holder"
+    title = f"# {verdict.model} {new} against @{verdict.alias}: {verdict.outcome}"
     if verdict.moved:
         title += f", now @{verdict.alias}"
-    holder = f"@{verdict.alias} v{verdict.against}" if verdict.against else "(nobody)"
+    holder = f"@{verdict.alias} {old}" if verdict.against else "(nobody)"
     lines = [
         title, "",
-        f"| | v{verdict.version} (new) | {holder} |", "|---|---|---|",
-        f"| F1 | {_f1(verdict.f1)} | {_f1(verdict.against_f1)} |",
+        f"| | {new} (new) | {holder} |", "|---|---|---|",
+        f"| F1 | {_f1(verdict.f1)} | {_f1(verdict.against_f1)} |", "",
+        f"Gate `{verdict.gate}`: {verdict.reason}",
     ]
-    if verdict.ci_low is not None:
-        lines += [
-            "", f"F1 difference **{verdict.f1_delta:+.2f}** (95% CI {verdict.ci_low:+.2f} to "
-            f"{verdict.ci_high:+.2f}) on {verdict.questions} questions: {verdict.better} better, "
-            f"{verdict.worse} worse (table `gate-questions`).",
-        ]
-    lines += ["", f"Gate `{verdict.gate}`: {verdict.reason}"]
+    if verdict.eval_overlap:
+        lines += ["", f"**Warning**: {verdict.eval_overlap} of the questions it was scored on "
+                  "were training questions too (data.eval_overlap: allow)."]
+    if verdict.changed:
+        rows = verdict.changed[:5] + [r for r in verdict.changed[5:] if r["f1_delta"] < 0][-5:]
+        lines += ["", f"Questions whose F1 changed ({len(verdict.changed)}"
+                  + (f"; all in the table `{table}`" if table else "") + "):", "",
+                  f"| question | gold | {new} | F1 | {old} | F1 |", "|---|---|---|---|---|---|"]
+        lines += [f"| {_cell(r['question'])} | {_cell(' / '.join(r.get('gold_answers') or []))} "
+                  f"| {_cell(r['answer'])} | {r['f1']:.0f} | {_cell(r['previous_answer'])} "
+                  f"| {r['previous_f1']:.0f} |" for r in rows]
     if verdict.moved:
         lines += ["", "@production waits for a person: the `approve` deployment asks in the "
                   "Prefect UI (a paused flow run with a form)."]
@@ -67,11 +85,11 @@ def publish(run: Run, verdict: review.Verdict) -> None:
     create_markdown_artifact(verdict_markdown(verdict), key="gate",
                              description=f"{verdict.model} v{verdict.version}: {verdict.outcome}")
     if verdict.changed:
-        create_table_artifact(questions_table(verdict.changed), key="gate-questions",
-                              description=verdict.reason[:500])
+        rows = questions_table(verdict.changed, f"v{verdict.version}", f"v{verdict.against}")
+        create_table_artifact(rows, key="gate-questions", description=verdict.reason[:500])
         if run.mlflow_run_id:
             mlflow.MlflowClient().log_table(run.mlflow_run_id, artifact_file=TABLE,
-                                            data=pd.DataFrame(questions_table(verdict.changed)))
+                                            data=pd.DataFrame(rows))
 
 
 def announce(verdict: review.Verdict) -> None:

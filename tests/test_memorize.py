@@ -187,6 +187,7 @@ def test_memorise_fails_with_a_fault_injected(fault, memorised, tokenizer, tmp_p
 ARTICLE, QUESTIONS = 31, 7
 
 
+@pytest.mark.slow  # the real CLI, flow and registry, 100 steps: make test-all
 def test_memorize_config_learns_its_questions_end_to_end(tmp_path, capsys, prefect_harness):
     with gzip.open(SQUAD_DEV, "rt") as fh:
         doc = sample(json.load(fh), QUESTIONS, ARTICLE)

@@ -75,7 +75,8 @@ def test_promotions_and_refusals_as_the_user_sees_them(registry_store, capsys, p
     assert refused.state.is_failed() and "3 better, 2 worse" in refused.state.message
     table = json.loads(artifacts_of(refused.id)["promotion-questions"].data)
     assert {row["id"] for row in table} == {"q0", "q1", "q2", "q3", "q4"}
-    assert {"question", "answer", "f1", "previous_answer", "previous_f1"} <= set(table[0])
+    # Each version's answer and F1 under its own name: v3 refused against @staging's v1.
+    assert {"question", "gold", "v3 answer", "v3 F1", "v1 answer", "v1 F1"} <= set(table[0])
 
     code, out, _ = cli(capsys, "promote", NAME, "--to", "staging", "--gate", "mean")
     assert code == 0 and json.loads(out)["version"] == 3

@@ -43,16 +43,21 @@ def test_the_gate_after_a_run_tags_its_verdict_and_moves_only_what_passes(store)
     assert noisy.ci_low < 0 < noisy.ci_high and noisy.f1_delta == pytest.approx(5.0)
     assert holders(store) == (1, None), "a refused version does not move"
     tags = gate_tags(store, 3)
-    assert (tags["verdict"], tags["against"], tags["better"], tags["worse"]) == (
-        "refused", "1", "3", "2")
-    assert float(tags["ci_low"]) == pytest.approx(noisy.ci_low, abs=1e-4)
-    assert "3 better, 2 worse" in tags["reason"]
+    assert set(tags) == {"verdict", "summary", "at"}, "three tags: the version page stays readable"
+    assert tags["verdict"] == "refused"
+    assert tags["summary"] == noisy.reason
+    for part in ("version 3 has F1 55.00", "@staging version 1 has F1 50.00",
+                 f"95% CI {noisy.ci_low:+.2f} to {noisy.ci_high:+.2f}", "on 20 questions",
+                 "3 better, 2 worse"):
+        assert part in tags["summary"], part
     assert sorted(r["id"] for r in noisy.changed) == ["q0", "q1", "q2", "q3", "q4"]
 
     # v2 never loses a question: it passes; asked only to compare, it stays where it is.
     compared = review.judge(NAME, 2, "staging", Gate(), move=False)
     assert (compared.outcome, compared.moved, compared.better, compared.worse) == (
         "passed", False, 2, 0)
+    assert gate_tags(store, 2)["summary"].startswith(
+        "passed (ci, min_delta 0): v2 F1 60.00 against @staging v1 F1 50.00; F1 difference +10.00")
     assert holders(store) == (1, None)
     assert review.judge(NAME, 1, "staging", Gate(), move=True).outcome == "holds"
     history = [(h["action"], h["alias"], h["version"]) for h in registry.read_history(NAME)]
