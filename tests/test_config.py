@@ -89,12 +89,13 @@ def test_preflight_names_missing_local_inputs(tmp_path):
     assert "data.train_files[0]" in str(err.value) and "missing.json" in str(err.value)
 
 
-@pytest.mark.parametrize("kind", ["directory", "unreadable"])
-def test_preflight_refuses_a_directory_or_unreadable_data_file_in_one_line(tmp_path, kind):
+@pytest.mark.parametrize("kind", ["empty directory", "unreadable"])
+def test_preflight_refuses_an_empty_directory_or_unreadable_data_file_in_one_line(tmp_path,
+                                                                                  kind):
     import os
 
     target = tmp_path / "data.json"
-    if kind == "directory":
+    if kind == "empty directory":
         target.mkdir()
     else:
         target.write_text("{}")
@@ -105,9 +106,9 @@ def test_preflight_refuses_a_directory_or_unreadable_data_file_in_one_line(tmp_p
     with pytest.raises(ConfigError) as err:
         preflight(config)
     message = str(err.value)
-    assert "\n" not in message and "data.train_files[0]" in message
-    assert ("is a directory" if kind == "directory" else "not readable") in message
-    assert "'data.train_files=[/path/to/file.json]'" in message
+    assert "\n" not in message and "data.train_files" in message
+    assert ("holds no data files" if kind == "empty directory" else "not readable") in message
+    assert "'data.train_files=[/path/to/" in message
 
 
 def test_preflight_refuses_the_hub_without_network_or_cache_fast(monkeypatch):
@@ -196,8 +197,12 @@ def test_preflight_reads_the_data_before_anything_starts(tmp_path, capsys, squad
     v2 = write_squad(tmp_path / "v2.json", [{"title": "T", "paragraphs": [paragraph]}])
     err = run_refused(capsys, f"data.train_files=[{v2}]")
     assert "To go on, set data.squad_v2=true" in err and "data.squad_v2=true" in err
-    err = run_refused(capsys, f"data.train_files=[{tmp_path}]")
-    assert "is a directory; give the SQuAD file inside it" in err
+    # A directory is the data files in it; one holding none is refused, not read as no data.
+    (tmp_path / "empty").mkdir()
+    err = run_refused(capsys, f"data.train_files=[{tmp_path / 'empty'}]")
+    assert "the directory" in err and "holds no data files" in err
+    err = run_refused(capsys, f"data.train_files=[{tmp_path}]")  # v2.json is in it
+    assert "To go on, set data.squad_v2=true" in err
 
 
 def test_preflight_refuses_an_eval_set_that_overlaps_training_unless_allowed(

@@ -20,6 +20,8 @@ import pytest
 from tests.conftest import ROOT, tiny_config_dict
 
 BIN = Path(sys.executable).parent
+# Real servers, deployments and workers: the full suite (make test-all).
+pytestmark = pytest.mark.slow
 
 
 def free_port() -> int:
@@ -206,9 +208,6 @@ import sys
 import time
 from prefect.concurrency.sync import concurrency
 from flows.promote import LIMIT, ensure_limit
-
-# Real servers, deployments and workers: the full suite (make test-all).
-pytestmark = pytest.mark.slow
 ensure_limit()
 with concurrency(LIMIT, strict=True):
     print("held", flush=True)
