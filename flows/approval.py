@@ -69,8 +69,7 @@ def decide(model_name: str, version: int, answer: dict[str, str], gate: Gate) ->
     print(f"{answer['decision']} v{version} for @{ALIAS}: {answer['reviewer']}, "
           f"\"{answer['reason']}\"")
     with registry_lock():
-        review.record_decision(model_name, version, ALIAS, answer["decision"], answer["reviewer"],
-                               answer["reason"], str(flow_run.id))
+        review.record_decision(model_name, version, ALIAS, answer, str(flow_run.id))
         announce(model_name, version, answer)
         if answer["decision"] != "approve":
             return {"decision": answer["decision"], "moved": False}

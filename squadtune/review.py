@@ -100,10 +100,13 @@ def judge(name: str, version: int, alias: str, gate: Gate, move: bool) -> Verdic
     return verdict
 
 
-def record_decision(name: str, version: int, alias: str, decision: Decision, reviewer: str,
-                    reason: str, flow_run_id: str | None = None) -> dict[str, Any]:
-    """A person's decision on `version` for `@alias` (or its expiry): tags on the version and a
+def record_decision(name: str, version: int, alias: str, answer: dict[str, str],
+                    flow_run_id: str | None = None) -> dict[str, Any]:
+    """A person's decision on `version` for `@alias` (or its expiry), `answer` being its
+    `decision` (approve, reject or expire), `reviewer` and `reason`: tags on the version and a
     row of the model's promotion history. Moves no alias."""
+    decision: Decision = answer["decision"]
+    reviewer, reason = answer["reviewer"], answer["reason"]
     c = registry.client()
     source = c.get_model_version(name, str(version))
     current = registry.holder(name, alias)

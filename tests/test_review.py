@@ -66,8 +66,8 @@ def test_the_gate_after_a_run_tags_its_verdict_and_moves_only_what_passes(store)
 
 def test_a_decision_is_recorded_and_moves_no_alias(store):
     review.judge(NAME, 2, "staging", Gate(), move=True)
-    review.record_decision(NAME, 2, "production", "reject", "alice", "F1 too low on dates",
-                           "run-1")
+    answer = {"decision": "reject", "reviewer": "alice", "reason": "F1 too low on dates"}
+    review.record_decision(NAME, 2, "production", answer, "run-1")
     assert holders(store) == (2, None)
     last = registry.read_history(NAME)[-1]
     assert (last["action"], last["version"], last["actor"], last["reason"]) == (
