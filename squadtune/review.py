@@ -83,9 +83,7 @@ def judge(name: str, version: int, alias: str, gate: Gate, move: bool) -> Verdic
     except PromotionRefused as refused:
         comparison = refused.comparison
         verdict.outcome, verdict.reason = "refused", str(refused)
-    if source.run_id:  # a score on training questions is no evidence: the reviewer must know
-        overlap = c.get_run(source.run_id).data.tags.get("squadtune.eval_overlap")
-        verdict.eval_overlap = int(overlap) if overlap else 0
+    verdict.eval_overlap = eval_overlap(c, source.run_id)
     if comparison is not None:
         verdict.f1_delta, verdict.ci_low, verdict.ci_high = (
             comparison.delta, comparison.ci_low, comparison.ci_high)
@@ -98,6 +96,18 @@ def judge(name: str, version: int, alias: str, gate: Gate, move: bool) -> Verdic
         registry.promote(name, alias, version, gate)
         verdict.moved = True
     return verdict
+
+
+def eval_overlap(c, run_id: str | None) -> int:
+    """Held-out questions the version's run also trained on: a score on training questions is
+    no evidence, and the reviewer must know (0 when the run is gone)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        overlap = c.get_run(run_id).data.tags.get("squadtune.eval_overlap") if run_id else None
+    except MlflowException:
+        return 0
+    return int(overlap) if overlap else 0
 
 
 def record_decision(name: str, version: int, alias: str, answer: dict[str, str],

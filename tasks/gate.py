@@ -29,13 +29,17 @@ TABLE = "gate/staging_comparison.json"
 def questions_table(changed: list[dict], new: str = "new", old: str = "holder") -> list[dict]:
     """Each question whose F1 changed, as a reviewer reads it: the question, its gold answers,
     then each version's answer and F1, labelled with the version."""
-    def gold(row: dict) -> str:
-        answers = row.get("gold_answers")
-        return " | ".join(answers) if isinstance(answers, list) else str(answers or "")
-
-    return [{"question": r["question"], "gold": gold(r), f"{new} answer": r["answer"],
+    return [{"question": r["question"], "gold": " | ".join(golds(r)), f"{new} answer": r["answer"],
              f"{new} F1": round(r["f1"], 1), f"{old} answer": r["previous_answer"],
              f"{old} F1": round(r["previous_f1"], 1), "id": r["id"]} for r in changed]
+
+
+def golds(row: dict) -> list[str]:
+    """A row's gold answers as a list (a table read back from MLflow may hold any sequence)."""
+    answers = row.get("gold_answers")
+    if answers is None or isinstance(answers, str):
+        return [answers] if answers else []
+    return [str(a) for a in answers]
 
 
 def _f1(value: float | None) -> str:
@@ -68,7 +72,7 @@ def verdict_markdown(verdict: review.Verdict, table: str | None = "gate-question
         lines += ["", f"Questions whose F1 changed ({len(verdict.changed)}"
                   + (f"; all in the table `{table}`" if table else "") + "):", "",
                   f"| question | gold | {new} | F1 | {old} | F1 |", "|---|---|---|---|---|---|"]
-        lines += [f"| {_cell(r['question'])} | {_cell(' / '.join(r.get('gold_answers') or []))} "
+        lines += [f"| {_cell(r['question'])} | {_cell(' / '.join(golds(r)))} "
                   f"| {_cell(r['answer'])} | {r['f1']:.0f} | {_cell(r['previous_answer'])} "
                   f"| {r['previous_f1']:.0f} |" for r in rows]
     if verdict.moved:

@@ -46,6 +46,7 @@ def build_registry(root: Path, name: str = NAME, uri: str | None = None) -> Path
         table = pd.DataFrame({
             "id": [f"q{i}" for i in range(QUESTIONS)],
             "question": [f"question {i}?" for i in range(QUESTIONS)],
+            "gold_answers": [[f"gold {i}", f"other gold {i}"] for i in range(QUESTIONS)],
             "prediction": [f"v{version} answer {i}" for i in range(QUESTIONS)],
             "f1": f1,
         })

@@ -114,3 +114,24 @@ def test_approval_is_not_asked_for_a_superseded_or_worse_version(store, prefect_
     production = store.get_model_version(NAME, "3").tags
     assert production["squadtune.gate.production.verdict"] == "refused"
     assert "squadtune.approval.production.decision" not in production
+
+
+def test_the_verdict_a_reviewer_reads_names_versions_golds_and_training_questions(store):
+    from tasks.gate import questions_table, verdict_markdown
+
+    review.judge(NAME, 1, "staging", Gate(), move=True)
+    run_id = store.get_model_version(NAME, "2").run_id
+    store.set_tag(run_id, "squadtune.eval_overlap", "20")  # scored on its training questions
+    verdict = review.judge(NAME, 2, "staging", Gate(), move=True)
+    assert verdict.eval_overlap == 20
+    page = verdict_markdown(verdict)
+    assert page.startswith("# gate-test v2 against @staging: passed, now @staging")
+    assert "**Warning**: 20 of the questions it was scored on were training questions" in page
+    assert "| question | gold | v2 | F1 | v1 | F1 |" in page
+    assert "| question 0? | gold 0 / other gold 0 | v2 answer 0 | 100 | v1 answer 0 | 0 |" in page
+    assert "all in the table `gate-questions`" in page
+    assert page.count("F1 difference +10.00") == 1, "the verdict is said once"
+    rows = questions_table(verdict.changed, "v2", "v1")
+    assert rows[0] == {"question": "question 0?", "gold": "gold 0 | other gold 0",
+                       "v2 answer": "v2 answer 0",
+                       "v2 F1": 100.0, "v1 answer": "v1 answer 0", "v1 F1": 0.0, "id": "q0"}
