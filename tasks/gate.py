@@ -46,8 +46,10 @@ def _f1(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
-def _cell(text: Any) -> str:
-    return str(text).replace("|", "/").replace("\n", " ")[:80]
+def _cell(text: Any, width: int = 30) -> str:
+    """A markdown table cell short enough that the whole row fits the Resume dialog."""
+    text = str(text).replace("|", "/").replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def verdict_markdown(verdict: review.Verdict, table: str | None = "gate-questions") -> str:
@@ -72,7 +74,7 @@ def verdict_markdown(verdict: review.Verdict, table: str | None = "gate-question
         lines += ["", f"Questions whose F1 changed ({len(verdict.changed)}"
                   + (f"; all in the table `{table}`" if table else "") + "):", "",
                   f"| question | gold | {new} | F1 | {old} | F1 |", "|---|---|---|---|---|---|"]
-        lines += [f"| {_cell(r['question'])} | {_cell(' / '.join(golds(r)))} "
+        lines += [f"| {_cell(r['question'], 44)} | {_cell(' / '.join(golds(r)))} "
                   f"| {_cell(r['answer'])} | {r['f1']:.0f} | {_cell(r['previous_answer'])} "
                   f"| {r['previous_f1']:.0f} |" for r in rows]
     if verdict.moved:
