@@ -66,7 +66,7 @@ def propose(model_name: str, version: int, gate: Gate) -> dict[str, Any]:
 @task(name="decide")
 def decide(model_name: str, version: int, answer: dict[str, str], gate: Gate) -> dict[str, Any]:
     """Record the decision; on approval, promote behind the gate (it may have moved meanwhile)."""
-    print(f"{answer['decision']} v{version} for @{ALIAS}: {answer['reviewer']}, "
+    print(f"{answer['reviewer']} decided to {answer['decision']} v{version} for @{ALIAS}: "
           f"\"{answer['reason']}\"")
     with registry_lock():
         review.record_decision(model_name, version, ALIAS, answer, str(flow_run.id))
@@ -98,7 +98,7 @@ def announce(model_name: str, version: int, answer: dict[str, str]) -> None:
 
     emit_event(
         event=f"squadtune.approval.{review.DECIDED[answer['decision']]}",
-        resource={"prefect.resource.id": f"mlflow.model-version.{model_name}.{version}",
+        resource={"prefect.resource.id": f"mlflow.model-version.{model_name}.v{version}",
                   "prefect.resource.name": f"{model_name} v{version}",
                   "squadtune.model": model_name, "squadtune.version": str(version),
                   "squadtune.alias": ALIAS},
@@ -148,4 +148,8 @@ def approve(model_name: str, version: int, timeout_hours: float = 72.0,
     if not result["moved"]:
         return Completed(name="Rejected", message=f"rejected by {answer.reviewer}: "
                          f"{answer.reason}")
-    return result
+    replaced = f"v{result['previous_version']}" if result["previous_version"] else "nobody"
+    message = (f"v{version} is @{ALIAS}, replacing {replaced}; approved by {answer.reviewer}: "
+               f"{answer.reason}")
+    print(message)
+    return Completed(message=message)

@@ -102,7 +102,7 @@ def check(name: str, wait_s: float = 0) -> dict[str, Any] | None:
         event=event,
         resource={
             "prefect.resource.id": f"squadtune.dataset.{short}",
-            "prefect.resource.name": f"training data of {short}",
+            "prefect.resource.name": f"data of {short}",
             "squadtune.data.key": state["key"],
         },
         related=[{"prefect.resource.id": f"prefect.deployment.{deployment.id}",

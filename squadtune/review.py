@@ -84,6 +84,9 @@ def judge(name: str, version: int, alias: str, gate: Gate, move: bool) -> Verdic
         comparison = refused.comparison
         verdict.outcome, verdict.reason = "refused", str(refused)
     verdict.eval_overlap = eval_overlap(c, source.run_id)
+    if verdict.eval_overlap:
+        verdict.reason += (f"; v{version} was scored on {verdict.eval_overlap} questions it was "
+                           "also trained on")
     if comparison is not None:
         verdict.f1_delta, verdict.ci_low, verdict.ci_high = (
             comparison.delta, comparison.ci_low, comparison.ci_high)
@@ -93,7 +96,7 @@ def judge(name: str, version: int, alias: str, gate: Gate, move: bool) -> Verdic
     for key, value in verdict.tags().items():
         c.set_model_version_tag(name, str(version), key, value)
     if move and verdict.outcome == "passed":
-        registry.promote(name, alias, version, gate)
+        registry.promote(name, alias, version, gate, reason=f"the gate: {verdict.reason}")
         verdict.moved = True
     return verdict
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from prefect import task
 
+from squadtune import registry as squadtune_registry
 from squadtune import review
 from tasks.outputs import Registration
 from tasks.registry_lock import registry_lock
@@ -29,9 +30,10 @@ TABLE = "gate/staging_comparison.json"
 def questions_table(changed: list[dict], new: str = "new", old: str = "holder") -> list[dict]:
     """Each question whose F1 changed, as a reviewer reads it: the question, its gold answers,
     then each version's answer and F1, labelled with the version."""
-    return [{"question": r["question"], "gold": " | ".join(golds(r)), f"{new} answer": r["answer"],
+    return [{"question": r["question"], f"{new} answer": r["answer"],
              f"{new} F1": round(r["f1"], 1), f"{old} answer": r["previous_answer"],
-             f"{old} F1": round(r["previous_f1"], 1), "id": r["id"]} for r in changed]
+             f"{old} F1": round(r["previous_f1"], 1), "gold": " | ".join(golds(r)), "id": r["id"]}
+            for r in changed]
 
 
 def golds(row: dict) -> list[str]:
@@ -39,7 +41,7 @@ def golds(row: dict) -> list[str]:
     answers = row.get("gold_answers")
     if answers is None or isinstance(answers, str):
         return [answers] if answers else []
-    return [str(a) for a in answers]
+    return list(dict.fromkeys(str(a) for a in answers))  # annotators often agree word for word
 
 
 def _f1(value: float | None) -> str:
@@ -64,19 +66,20 @@ def verdict_markdown(verdict: review.Verdict, table: str | None = "gate-question
         title, "",
         f"| | {new} (new) | {holder} |", "|---|---|---|",
         f"| F1 | {_f1(verdict.f1)} | {_f1(verdict.against_f1)} |", "",
-        f"Gate `{verdict.gate}`: {verdict.reason}",
+        verdict.reason,
     ]
     if verdict.eval_overlap:
-        lines += ["", f"**Warning**: {verdict.eval_overlap} of the questions it was scored on "
-                  "were training questions too (data.eval_overlap: allow)."]
+        lines += ["", f"**Warning**: {new} was scored on {verdict.eval_overlap} questions it was "
+                  "also trained on (data.eval_overlap: allow): its F1 says little."]
     if verdict.changed:
         rows = verdict.changed[:5] + [r for r in verdict.changed[5:] if r["f1_delta"] < 0][-5:]
         lines += ["", f"Questions whose F1 changed ({len(verdict.changed)}"
                   + (f"; all in the table `{table}`" if table else "") + "):", "",
-                  f"| question | gold | {new} | F1 | {old} | F1 |", "|---|---|---|---|---|---|"]
-        lines += [f"| {_cell(r['question'], 44)} | {_cell(' / '.join(golds(r)))} "
-                  f"| {_cell(r['answer'])} | {r['f1']:.0f} | {_cell(r['previous_answer'])} "
-                  f"| {r['previous_f1']:.0f} |" for r in rows]
+                  f"| question | {new} | {new} F1 | {old} | {old} F1 | gold |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {_cell(r['question'], 44)} | {_cell(r['answer'])} | {r['f1']:.0f} "
+                  f"| {_cell(r['previous_answer'])} | {r['previous_f1']:.0f} "
+                  f"| {_cell(' / '.join(golds(r)))} |" for r in rows]
     if verdict.moved:
         lines += ["", "@production waits for a person: the `approve` deployment asks in the "
                   "Prefect UI (a paused flow run with a form)."]
@@ -105,7 +108,7 @@ def announce(verdict: review.Verdict) -> None:
     emit_event(
         event=STAGED,
         resource={
-            "prefect.resource.id": f"mlflow.model-version.{verdict.model}.{verdict.version}",
+            "prefect.resource.id": f"mlflow.model-version.{verdict.model}.v{verdict.version}",
             "prefect.resource.name": f"{verdict.model} v{verdict.version}",
             "squadtune.model": verdict.model,
             "squadtune.version": str(verdict.version),
@@ -119,7 +122,7 @@ def announce(verdict: review.Verdict) -> None:
 def gate_candidate(run: Run, registered: Registration) -> dict[str, Any]:
     """Compare the new version with @staging on the same questions; move it when the gate passes."""
     registry = run.config.registry
-    with registry_lock():
+    with registry_lock(), squadtune_registry.acting_for(f"gate of flow run {run.flow_run_id}"):
         verdict = review.judge(registered.model_name, registered.version, "staging",
                                registry.gate, move=registry.auto_promote == "staging")
     print(f"gate: {verdict.model} v{verdict.version}: {verdict.reason}")

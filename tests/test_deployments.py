@@ -119,7 +119,7 @@ def test_each_preset_is_a_deployment_whose_form_defaults_are_its_yaml(deployed):
     assert retrain["global_concurrency_limit"]["limit"] == 1, "retraining runs one at a time"
     assert retrain["concurrency_options"]["collision_strategy"] == "ENQUEUE"
     automations = {a["name"]: a for a in api(deployed, "automations/filter", {})}
-    data_trigger = automations["retrain finetune-retrain when its data changes"]["trigger"]
+    data_trigger = automations["run finetune-retrain when its data changes"]["trigger"]
     assert data_trigger["match"] == {
         "prefect.resource.id": "squadtune.dataset.finetune-retrain"}
     assert (data_trigger["expect"], data_trigger["for_each"]) == (

@@ -126,9 +126,10 @@ def test_the_verdict_a_reviewer_reads_names_versions_golds_and_training_question
     assert verdict.eval_overlap == 20
     page = verdict_markdown(verdict)
     assert page.startswith("# gate-test v2 against @staging: passed, now @staging")
-    assert "**Warning**: 20 of the questions it was scored on were training questions" in page
-    assert "| question | gold | v2 | F1 | v1 | F1 |" in page
-    assert "| question 0? | gold 0 / other gold 0 | v2 answer 0 | 100 | v1 answer 0 | 0 |" in page
+    assert "**Warning**: v2 was scored on 20 questions it was also trained on" in page
+    assert verdict.reason.endswith("; v2 was scored on 20 questions it was also trained on")
+    assert "| question | v2 | v2 F1 | v1 | v1 F1 | gold |" in page
+    assert "| question 0? | v2 answer 0 | 100 | v1 answer 0 | 0 | gold 0 / other gold 0 |" in page
     assert "all in the table `gate-questions`" in page
     assert page.count("F1 difference +10.00") == 1, "the verdict is said once"
     rows = questions_table(verdict.changed, "v2", "v1")
