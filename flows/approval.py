@@ -25,7 +25,7 @@ from pydantic import Field
 from squadtune import registry, review
 from squadtune.errors import InputError
 from squadtune.gate import Gate, PromotionRefused
-from tasks.gate import questions_table, verdict_markdown
+from tasks.gate import questions_table, verdict_markdown, version_resource
 from tasks.registry_lock import registry_lock
 
 ALIAS = "production"
@@ -42,15 +42,21 @@ class Approval(RunInput):
     reason: str = Field(min_length=1, description="Why; recorded in the version's history.")
 
 
+def superseded(model_name: str, version: int) -> str | None:
+    """Why `version` is no longer the one to ask about (another holds @staging), or None."""
+    staged = registry.holder(model_name, "staging")
+    if staged is not None and int(staged.version) == version:
+        return None
+    holder = f"v{staged.version}" if staged else "no version"
+    return f"{model_name} v{version} no longer holds @staging ({holder} does)"
+
+
 @task(name="propose")
 def propose(model_name: str, version: int, gate: Gate) -> dict[str, Any]:
     """Check the version still holds @staging and passes the gate against @production."""
     registry.check_request(model_name, ALIAS, version)
-    staged = registry.holder(model_name, "staging")
-    if staged is None or int(staged.version) != version:
-        holder = f"v{staged.version}" if staged else "no version"
-        return {"outcome": "superseded",
-                "reason": f"{model_name} v{version} no longer holds @staging ({holder} does)"}
+    if reason := superseded(model_name, version):
+        return {"outcome": "superseded", "reason": reason}
     with registry_lock():
         verdict = review.judge(model_name, version, ALIAS, gate, move=False)
     described = verdict_markdown(verdict, table="approval-questions")
@@ -73,10 +79,9 @@ def decide(model_name: str, version: int, answer: dict[str, str], gate: Gate) ->
         announce(model_name, version, answer)
         if answer["decision"] != "approve":
             return {"decision": answer["decision"], "moved": False}
-        staged = registry.holder(model_name, "staging")
         try:
-            if staged is None or int(staged.version) != version:
-                raise PromotionRefused(f"{model_name} v{version} no longer holds @staging")
+            if refusal := superseded(model_name, version):
+                raise PromotionRefused(refusal)
             reason = f"approved by {answer['reviewer']}: {answer['reason']}"
             with registry.acting_for(answer["reviewer"]):
                 event = registry.promote(model_name, ALIAS, version, gate, reason=reason)
@@ -98,10 +103,7 @@ def announce(model_name: str, version: int, answer: dict[str, str]) -> None:
 
     emit_event(
         event=f"squadtune.approval.{review.DECIDED[answer['decision']]}",
-        resource={"prefect.resource.id": f"mlflow.model-version.{model_name}.v{version}",
-                  "prefect.resource.name": f"{model_name} v{version}",
-                  "squadtune.model": model_name, "squadtune.version": str(version),
-                  "squadtune.alias": ALIAS},
+        resource=version_resource(model_name, version, ALIAS),
         payload={"reviewer": answer["reviewer"], "reason": answer["reason"]},
     )
 

@@ -51,11 +51,19 @@ class Comparison:
     changed: list[dict[str, Any]] = field(default_factory=list)  # better first, then worse
     versions: tuple[int, int] | None = None  # (candidate, holder)
 
+    @property
+    def better(self) -> int:
+        """Questions the candidate scores higher on."""
+        return sum(row["f1_delta"] > 0 for row in self.changed)
+
+    @property
+    def worse(self) -> int:
+        return len(self.changed) - self.better
+
     def summary(self) -> str:
-        better = sum(row["f1_delta"] > 0 for row in self.changed)
         return (
             f"F1 difference {self.delta:+.2f} (95% CI {self.ci_low:+.2f} to {self.ci_high:+.2f}) "
-            f"on {self.questions} questions; {better} better, {len(self.changed) - better} worse"
+            f"on {self.questions} questions; {self.better} better, {self.worse} worse"
         )
 
 

@@ -183,16 +183,8 @@ def read_history(name: str) -> list[dict]:
 def record(event: Event, comparison: Comparison | None) -> None:
     """Append the event to the history table (with its changed questions as a table of their
     own) and tag the versions it touched."""
+    append_history(event, comparison)
     c = client()
-    run_id = history_run_id(event.model)
-    if comparison is not None:
-        stamp = event.time.replace(":", "").replace("-", "")
-        event.comparison_table = (f"comparisons/{stamp}-{event.alias}-v{event.version}"
-                                  f"-vs-v{event.previous_version}.json")
-        rows = comparison.changed or [{"id": None}]  # an empty table still says "none changed"
-        c.log_table(run_id, data=pd.DataFrame(rows), artifact_file=event.comparison_table)
-    row = {k: v for k, v in asdict(event).items() if k != "changed"}
-    c.log_table(run_id, data=pd.DataFrame([row]), artifact_file=HISTORY_FILE)
     prefix = f"squadtune.{event.action}.{event.alias}"
     tags = {f"{prefix}.at": event.time, f"{prefix}.by": event.actor}
     if event.forced:
@@ -206,6 +198,21 @@ def record(event: Event, comparison: Comparison | None) -> None:
             event.model, str(event.previous_version), f"squadtune.replaced.{event.alias}.at",
             event.time,
         )
+
+
+def append_history(event: Event, comparison: Comparison | None = None) -> None:
+    """The event as one row of the model's promotion history table, and the questions whose F1
+    changed in the comparison behind it as a table of their own."""
+    c = client()
+    run_id = history_run_id(event.model)
+    if comparison is not None:
+        stamp = event.time.replace(":", "").replace("-", "")
+        event.comparison_table = (f"comparisons/{stamp}-{event.alias}-v{event.version}"
+                                  f"-vs-v{event.previous_version}.json")
+        rows = comparison.changed or [{"id": None}]  # an empty table still says "none changed"
+        c.log_table(run_id, data=pd.DataFrame(rows), artifact_file=event.comparison_table)
+    row = {k: v for k, v in asdict(event).items() if k != "changed"}
+    c.log_table(run_id, data=pd.DataFrame([row]), artifact_file=HISTORY_FILE)
 
 
 def utc_now() -> str:
@@ -253,8 +260,7 @@ def promote(name: str, to: str, version: int | None = None, gate: Gate | None = 
     if comparison is not None:
         event.f1_delta, event.ci_low, event.ci_high = (
             comparison.delta, comparison.ci_low, comparison.ci_high)
-        event.better = sum(r["f1_delta"] > 0 for r in comparison.changed)
-        event.worse = len(comparison.changed) - event.better
+        event.better, event.worse = comparison.better, comparison.worse
         event.changed = comparison.changed
     record(event, comparison)
     log.info("%s version %s is now @%s", name, event.version, to)

@@ -14,8 +14,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-import pandas as pd
-
 from squadtune import registry
 from squadtune.gate import Gate, PromotionRefused, check, f1_of
 
@@ -91,8 +89,7 @@ def judge(name: str, version: int, alias: str, gate: Gate, move: bool) -> Verdic
         verdict.f1_delta, verdict.ci_low, verdict.ci_high = (
             comparison.delta, comparison.ci_low, comparison.ci_high)
         verdict.questions, verdict.changed = comparison.questions, comparison.changed
-        verdict.better = sum(row["f1_delta"] > 0 for row in comparison.changed)
-        verdict.worse = len(comparison.changed) - verdict.better
+        verdict.better, verdict.worse = comparison.better, comparison.worse
     for key, value in verdict.tags().items():
         c.set_model_version_tag(name, str(version), key, value)
     if move and verdict.outcome == "passed":
@@ -114,7 +111,7 @@ def eval_overlap(c, run_id: str | None) -> int:
 
 
 def record_decision(name: str, version: int, alias: str, answer: dict[str, str],
-                    flow_run_id: str | None = None) -> dict[str, Any]:
+                    flow_run_id: str | None = None) -> None:
     """A person's decision on `version` for `@alias` (or its expiry), `answer` being its
     `decision` (approve, reject or expire), `reviewer` and `reason`: tags on the version and a
     row of the model's promotion history. Moves no alias."""
@@ -130,13 +127,10 @@ def record_decision(name: str, version: int, alias: str, answer: dict[str, str],
         eval_set_hash=source.tags.get("eval.set_hash"), forced=False, reason=reason,
         actor=reviewer or registry.actor(),
     )
-    row = {k: v for k, v in asdict(event).items() if k != "changed"}
-    c.log_table(registry.history_run_id(name), data=pd.DataFrame([row]),
-                artifact_file=registry.HISTORY_FILE)
+    registry.append_history(event)
     prefix = f"squadtune.approval.{alias}."
     tags = {"decision": DECIDED[decision], "by": event.actor, "reason": reason, "at": event.time}
     if flow_run_id:
         tags["flow_run_id"] = flow_run_id
     for key, value in tags.items():
         c.set_model_version_tag(name, str(version), prefix + key, value)
-    return row

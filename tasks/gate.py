@@ -101,19 +101,25 @@ def publish(run: Run, verdict: review.Verdict) -> None:
                                             data=pd.DataFrame(rows))
 
 
+def version_resource(model: str, version: int, alias: str) -> dict[str, str]:
+    """A model version as the resource of a Prefect event: the id the `approve` trigger matches
+    and the labels its parameters are read from."""
+    return {
+        "prefect.resource.id": f"mlflow.model-version.{model}.v{version}",
+        "prefect.resource.name": f"{model} v{version}",
+        "squadtune.model": model,
+        "squadtune.version": str(version),
+        "squadtune.alias": alias,
+    }
+
+
 def announce(verdict: review.Verdict) -> None:
     """`squadtune.model.staged`: the fact an approval request hangs on (an automation)."""
     from prefect.events import emit_event
 
     emit_event(
         event=STAGED,
-        resource={
-            "prefect.resource.id": f"mlflow.model-version.{verdict.model}.v{verdict.version}",
-            "prefect.resource.name": f"{verdict.model} v{verdict.version}",
-            "squadtune.model": verdict.model,
-            "squadtune.version": str(verdict.version),
-            "squadtune.alias": verdict.alias,
-        },
+        resource=version_resource(verdict.model, verdict.version, verdict.alias),
         payload={"reason": verdict.reason, "replaced": verdict.against, "f1": verdict.f1},
     )
 

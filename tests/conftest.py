@@ -136,6 +136,13 @@ def tiny_config(small_squad_file, tmp_path):
     return PipelineConfig.model_validate(tiny_config_dict(small_squad_file, tmp_path / "state"))
 
 
+def adapter_weights(adapter_dir: Path) -> dict:
+    """The tensors of a saved adapter folder (`adapter_model.safetensors`), by name."""
+    from safetensors.torch import load_file
+
+    return load_file(str(adapter_dir / "adapter_model.safetensors"))
+
+
 def build_until_lora(config, root: Path) -> dict:
     """The first four stages built in this process (no Prefect), for stage tests."""
     from tasks.base_model import prepare_base_model

@@ -27,7 +27,7 @@ from tasks.load_squad import load_squad
 from tasks.lora import apply_lora
 from tasks.stage import Run
 from tasks.train import train_adapter
-from tests.conftest import SQUAD_DEV
+from tests.conftest import SQUAD_DEV, adapter_weights
 from tests.memorise import memorise_config, memorise_stages
 
 # --- the memorise proof on the stage functions --------------------------------------------------
@@ -63,12 +63,6 @@ def train_rows(tokenized) -> list[dict]:
     return load_from_disk(str(tokenized.split_dir("train"))).to_list()
 
 
-def adapter_tensors(adapter) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(adapter.adapter_dir / "adapter_model.safetensors"))
-
-
 def test_memorise_learns_what_the_base_model_cannot_answer(memorised, tokenizer):
     evaluation, baseline = memorised["evaluation"], memorised["baseline"]
     assert evaluation.questions == 4 and baseline.questions == 4
@@ -81,7 +75,8 @@ def test_memorise_learns_what_the_base_model_cannot_answer(memorised, tokenizer)
         supervised = [i for i, label in enumerate(row["labels"]) if label != -100]
         assert [row["labels"][i] for i in supervised] == [row["input_ids"][i] for i in supervised]
         assert row["labels"][-1] == end
-    assert any("trainable_tokens" in name for name in adapter_tensors(memorised["adapter"]))
+    weights = adapter_weights(memorised["adapter"].adapter_dir)
+    assert any("trainable_tokens" in name for name in weights)
 
 
 def mask_prompts_then(change):
@@ -140,7 +135,8 @@ def new_token_rows_frozen(monkeypatch, tokenizer):
                         lambda settings, new_token_ids=None: right(settings, None))
 
     def injected(case):
-        assert not any("trainable_tokens" in name for name in adapter_tensors(case["adapter"]))
+        weights = adapter_weights(case["adapter"].adapter_dir)
+        assert not any("trainable_tokens" in name for name in weights)
 
     return injected
 

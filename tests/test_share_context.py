@@ -8,12 +8,11 @@ import json
 import mlflow
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from pipeline_config import PipelineConfig
 from tasks.stage import Run
 from tasks.train import train_adapter
-from tests.conftest import build_until_lora, tiny_config_dict
+from tests.conftest import adapter_weights, build_until_lora, tiny_config_dict
 from tests.memorise import memorise_config, memorise_stages
 
 
@@ -51,10 +50,6 @@ def test_shared_context_trains_packed_paragraphs_under_its_own_key(small_squad_f
     assert adapter.tokens_seen > 0 and adapter.final_loss is not None
 
 
-def adapter_weights(output) -> dict[str, torch.Tensor]:
-    return load_file(str(output.adapter_dir / "adapter_model.safetensors"))
-
-
 def test_shared_context_run_resumes_from_its_checkpoint(small_squad_file, stages, tmp_path):
     from squadtune.trainer import InjectedFailure
 
@@ -76,8 +71,8 @@ def test_shared_context_run_resumes_from_its_checkpoint(small_squad_file, stages
     uninterrupted = train_adapter.build(whole, s["lora"], s["tokenized"], s["base"])
     assert (uninterrupted.resumed_from_step, uninterrupted.global_step) == (0, 6)
 
-    initial, after = adapter_weights(s["lora"]), adapter_weights(resumed)
-    expected = adapter_weights(uninterrupted)
+    initial, after = adapter_weights(s["lora"].adapter_dir), adapter_weights(resumed.adapter_dir)
+    expected = adapter_weights(uninterrupted.adapter_dir)
     assert after.keys() == expected.keys() == initial.keys()
     assert any("trainable_tokens" in name for name in after)
     unequal = [name for name in after if not torch.equal(after[name], expected[name])]

@@ -7,7 +7,6 @@ from collections import Counter
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from pipeline_config import PipelineConfig
 from squadtune import trainer
@@ -15,7 +14,7 @@ from tasks import evaluate
 from tasks.evaluate import evaluate_adapter
 from tasks.stage import Run
 from tasks.train import TrainJob, train_adapter, train_here
-from tests.conftest import build_until_lora, tiny_config_dict, write_squad
+from tests.conftest import adapter_weights, build_until_lora, tiny_config_dict, write_squad
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +44,6 @@ def run_training(config, stages, out, **training):
     return train_here(job, out)
 
 
-def adapter_weights(directory):
-    return load_file(str(directory / "adapter" / "adapter_model.safetensors"))
-
-
 def test_failed_run_resumes_from_its_checkpoint_and_matches_uninterrupted(setup, tmp_path):
     config, _, stages = setup
     interrupted = tmp_path / "interrupted"
@@ -69,10 +64,11 @@ def test_failed_run_resumes_from_its_checkpoint_and_matches_uninterrupted(setup,
     straight = tmp_path / "straight"
     straight.mkdir()
     assert run_training(config, stages, straight, eval_steps=2).resumed_from_step == 0
-    resumed, uninterrupted = adapter_weights(interrupted), adapter_weights(straight)
+    resumed = adapter_weights(interrupted / "adapter")
+    uninterrupted = adapter_weights(straight / "adapter")
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
-    initial = load_file(str(stages["lora"].adapter_dir / "adapter_model.safetensors"))
+    initial = adapter_weights(stages["lora"].adapter_dir)
     assert any(not torch.equal(initial[k], resumed[k]) for k in initial), "training changed nothing"
 
 
@@ -134,7 +130,8 @@ def test_evaluate_generates_and_scores_each_question(setup, squad_doc, small_squ
     )
     adapter = train_adapter.build(run, stages["lora"], stages["tokenized"], stages["base"])
     assert adapter.global_step == 2
-    moved = [w.abs().max() for k, w in adapter_weights(adapter.dir).items() if "lora_B" in k]
+    weights = adapter_weights(adapter.adapter_dir)
+    moved = [w.abs().max() for name, w in weights.items() if "lora_B" in name]
     assert moved and min(moved) > 1e-2, "every LoRA B is well off its zero init"
 
     # Questions on two paragraphs of an article the training file lacks, answered one at a

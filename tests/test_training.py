@@ -11,7 +11,6 @@ import mlflow
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 from transformers import BitsAndBytesConfig
 
 from pipeline_config import LoraSettings, PipelineConfig, QuantizationConfig
@@ -19,7 +18,13 @@ from squadtune import trainer as train
 from squadtune.modeling import bnb_config, lora_config
 from tasks.stage import Run
 from tasks.train import TrainJob, train_adapter, train_here
-from tests.conftest import ROOT, build_until_lora, task_states, tiny_config_dict
+from tests.conftest import (
+    ROOT,
+    adapter_weights,
+    build_until_lora,
+    task_states,
+    tiny_config_dict,
+)
 
 
 def test_bnb_config_converter():
@@ -148,9 +153,9 @@ def test_two_gloo_ranks_reach_the_adapter_of_one_process_with_twice_the_batch(
     single = train_here(job(s, training(per_device_train_batch_size=4)), one)
     assert single.tokens_seen == distributed.tokens_seen, "the same examples"
 
-    initial = load_file(str(s["lora"].adapter_dir / "adapter_model.safetensors"))
-    trained = load_file(str(ddp / "adapter" / "adapter_model.safetensors"))
-    reference = load_file(str(one / "adapter" / "adapter_model.safetensors"))
+    initial = adapter_weights(s["lora"].adapter_dir)
+    trained = adapter_weights(ddp / "adapter")
+    reference = adapter_weights(one / "adapter")
     assert any(not torch.equal(initial[k], trained[k]) for k in initial), "training moved nothing"
     assert trained.keys() == reference.keys()
     for k in trained:  # the updates agree, not only the weights they were added to
@@ -242,12 +247,12 @@ def test_flow_killed_with_sigkill_after_an_epoch_resumes_to_the_uninterrupted_ad
     train_here(TrainJob(run=Run(config=config, state_dir=str(state_dir)), lora=lora,
                         tokenized=finished_output(state_dir, format_and_tokenize),
                         base=finished_output(state_dir, prepare_base_model)), reference)
-    resumed = load_file(str(stage_dir / "adapter" / "adapter_model.safetensors"))
-    uninterrupted = load_file(str(reference / "adapter" / "adapter_model.safetensors"))
+    resumed = adapter_weights(stage_dir / "adapter")
+    uninterrupted = adapter_weights(reference / "adapter")
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
     # Two runs that trained nothing would be equal too: every tensor left the initial adapter.
-    initial = load_file(str(lora.adapter_dir / "adapter_model.safetensors"))
+    initial = adapter_weights(lora.adapter_dir)
     assert initial.keys() == resumed.keys()
     unmoved = [k for k in initial if torch.equal(initial[k], resumed[k])]
     assert not unmoved, f"training left these as apply_lora made them: {unmoved}"
