@@ -9,8 +9,30 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
+
+from tasks.lease import lease
 
 LIMIT = "squadtune-registry"
+
+
+@contextlib.contextmanager
+def first_use_lock() -> Iterator[None]:
+    """Two runs on one local Prefect database (no server: each process starts Prefect's API for
+    itself) that create the limit at once would both insert it; the loser's API then logs the
+    unique-constraint error as a traceback in that run's output. A lease of the SQLite file's
+    folder (an flock) makes them take turns. With a server, the race is answered with a 409 the
+    server logs in its own log; the local lease costs nothing there."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    url = settings.server.database.connection_url.get_secret_value()
+    if not url.startswith("sqlite") or ":memory:" in url:
+        yield
+        return
+    folder = Path(url.split(":///", 1)[1]).parent
+    with lease(folder, f"prefect-{LIMIT}", f"creating the concurrency limit {LIMIT}"):
+        yield
 
 
 def ensure_limit() -> None:
@@ -22,7 +44,7 @@ def ensure_limit() -> None:
     )
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-    with get_client(sync_client=True) as client:
+    with first_use_lock(), get_client(sync_client=True) as client:
         try:
             limit = client.read_global_concurrency_limit_by_name(LIMIT)
         except ObjectNotFound:
