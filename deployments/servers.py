@@ -27,10 +27,11 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def wait_http(url: str, seconds: float, proc: subprocess.Popen, log: Path) -> None:
+def wait_http(url: str, seconds: float, proc: subprocess.Popen | None, log: Path) -> None:
+    """Wait for `url` to answer; `proc` is None for a process an earlier `up` started."""
     deadline = time.time() + seconds
     while time.time() < deadline:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             tail = log.read_text()[-2000:] if log.exists() else ""
             raise SystemExit(f"{proc.args[0]} exited with {proc.returncode}; log {log}:\n{tail}")
         with contextlib.suppress(OSError):
@@ -60,10 +61,14 @@ class Services:
         return pid if marker in cmdline else None
 
     def start(self, name: str, command: list[str], env: dict[str, str], marker: str):
-        if self.running(name):
-            raise SystemExit(f"{name} is already running (pid {self.running(name)}); make down")
+        """Start `name` unless it runs already: `up` after one service died restarts that one
+        and leaves the others (a worker holding paused approvals among them) as they are."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         log = self.run_dir / f"{name}.log"
+        pid = self.running(name)
+        if pid:
+            print(f"{name}: already running (pid {pid}), left as it is")
+            return None, log
         with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
             proc = subprocess.Popen(
                 command, cwd=ROOT, env={**os.environ, **env}, stdout=out,

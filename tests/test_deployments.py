@@ -36,18 +36,16 @@ def servers(tmp_path_factory):
     ports = {"prefect": free_port(), "mlflow": free_port()}
     servers_py = [sys.executable, str(ROOT / "deployments" / "servers.py")]
     common = ["--state-dir", str(state)]
-    subprocess.run(
-        [*servers_py, "up", *common, "--prefect-port", str(ports["prefect"]), "--mlflow-port",
-         str(ports["mlflow"]), "--worker-poll-seconds", "1"],
-        check=True, cwd=ROOT, timeout=300,
-    )
+    up = [*servers_py, "up", *common, "--prefect-port", str(ports["prefect"]), "--mlflow-port",
+          str(ports["mlflow"]), "--worker-poll-seconds", "1"]
+    subprocess.run(up, check=True, cwd=ROOT, timeout=300)
     env = {**os.environ}
     for line in (state / "servers" / "env").read_text().splitlines():
         key, _, value = line.removeprefix("export ").partition("=")
         env[key] = value
     pids = [int(p.read_text().split()[0]) for p in (state / "servers").glob("*.pid")]
     try:
-        yield {"state": state, "env": env, "ports": ports, "pids": pids}
+        yield {"state": state, "env": env, "ports": ports, "pids": pids, "up": up}
     finally:
         subprocess.run([*servers_py, "down", *common], check=True, cwd=ROOT, timeout=120)
     alive = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
@@ -298,3 +296,27 @@ def test_cli_and_deployment_promotions_wait_for_each_other(deployed, tmp_path, m
     else:
         assert order == [1, 3, 2], production
         assert state[0] == "COMPLETED", state
+
+
+def service_pids(servers) -> dict[str, int]:
+    return {p.stem: int(p.read_text().split()[0])
+            for p in (servers["state"] / "servers").glob("*.pid")}
+
+
+def test_up_again_restarts_what_died_and_leaves_the_rest(servers):
+    """`make up` after one server died starts that one, leaves the others (a worker may hold a
+    paused approval) and exits 0, instead of refusing with advice to `make down` everything."""
+    before = service_pids(servers)
+    os.killpg(before["mlflow-server"], 9)
+    cmdline = Path(f"/proc/{before['mlflow-server']}/cmdline")
+    deadline = time.time() + 30
+    while cmdline.exists() and cmdline.read_bytes() and time.time() < deadline:  # zombie: empty
+        time.sleep(0.1)
+    again = subprocess.run(servers["up"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    after = service_pids(servers)
+    assert after["mlflow-server"] != before["mlflow-server"]
+    assert {k: v for k, v in after.items() if k != "mlflow-server"} == {
+        k: v for k, v in before.items() if k != "mlflow-server"}
+    assert "prefect-server: already running" in again.stdout
+    httpx.get(f"http://127.0.0.1:{servers['ports']['mlflow']}/health").raise_for_status()
