@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import gpu_eval, gpu_report, gpu_train  # noqa: E402
-from bench.gpu_kit import CARRIED, data_dir  # noqa: E402
+from bench.gpu_kit import CARRIED, KIT, data_dir, measure  # noqa: E402
 
 # Per mode: the sizes each part runs at, its time limit (s), and the whole run's limit.
 SIZES = {
@@ -223,6 +223,9 @@ def main() -> None:
         run_part(name, report, mode, args, Part(time.time() + max(limit, 1.0), peak), write)
     report["seconds"] = round(time.time() - started, 1)
     report["problems"] = gpu_report.problems(report, strict=args.cpu)
+    if args.cpu and KIT.is_dir():  # here, what `make gpu-wheels` made must be able to travel
+        report["kit"] = measure()
+        report["problems"] += [f"kit: {p}" for p in report["kit"]["problems"]]
     write(report)
     print(f"{args.out / 'gpu.json'}: {report['seconds']} s; "
           + ("; ".join(report["problems"]) or "all parts ok"))

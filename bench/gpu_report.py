@@ -144,6 +144,10 @@ def markdown(report: dict) -> str:
     for goal in goals(report):
         met = {True: "yes", False: "no", None: "-"}[goal["met"]]
         lines.append(f"| {goal['goal']} | {goal['shown']} | {met} |")
+    kit = report.get("kit")
+    if kit:
+        lines += ["", f"Travels to the GPU box: tree {kit['tree_mib']} MiB + .whl/ "
+                  f"{kit['whl_mib']} MiB = {kit['total_mib']} MiB of {kit['limit_mib']:.0f} MiB."]
     if report.get("problems"):
         lines += ["", "Problems: " + "; ".join(report["problems"])]
     return "\n".join(lines) + "\n"
