@@ -104,6 +104,10 @@ def build() -> None:
         if not wheel_of(name):
             download(name, version)
     source = shared_data()
+    missing = [rel for rel in DATA if not (source / rel).is_file()]
+    if missing:
+        sys.exit(f"gpu kit: {', '.join(missing)} not under {source}: set SQUADTUNE_SHARED_DATA "
+                 "to the folder holding squad/ and gpt2-tokenizer/")
     for rel in DATA:
         target = KIT / "data" / rel
         target.parent.mkdir(parents=True, exist_ok=True)
