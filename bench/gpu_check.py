@@ -36,12 +36,14 @@ from bench.gpu_kit import CARRIED, KIT, data_dir, measure  # noqa: E402
 SIZES = {
     "gpu": {"train": {"shape": (12, 768), "warmup": 3, "steps": 60},
             "eval": {"shape": (12, 768), "chunk": 2000}},
-    # One example a step, fp32 (this CPU has no fast bf16/fp16 matmuls), 12 questions.
-    "cpu": {"train": {"shape": (2, 64), "warmup": 1, "steps": 1,
+    # One example a step, rows cut to 192 tokens, fp32 (this CPU has no fast bf16/fp16
+    # matmuls), 12 questions.
+    "cpu": {"train": {"shape": (2, 64), "warmup": 1, "steps": 1, "max_seq_len": 192,
                       "training": {"per_device_train_batch_size": 1,
                                    "gradient_accumulation_steps": 1, "bf16": False,
                                    "fp16": False}},
-            "eval": {"shape": (2, 64), "chunk": 6, "questions": 12, "max_new_tokens": 3}},
+            "eval": {"shape": (2, 64), "chunk": 6, "questions": 12, "max_new_tokens": 3,
+                     "max_seq_len": 192}},
 }
 LIMITS = {"gpu": {"versions": 30, "tests": 75, "train": 170, "eval": 150},
           "cpu": {"versions": 60, "tests": 60, "train": 120, "eval": 60}}
@@ -174,6 +176,8 @@ def watchdog(deadline: float, report: dict, write) -> None:
         if name:
             report["parts"][name] = {**report["parts"].get(name, {}),
                                      "status": "stopped at the run's time limit"}
+        report["problems"] = [f"the run's time limit stopped it during part {name}"] + \
+            gpu_report.problems(report, strict=False)
         write(report)
         os._exit(124)
 
@@ -213,7 +217,7 @@ def main() -> None:
         sys.exit(2)
     peak = None
     if args.device == "cuda":
-        peak, report["peak_source"] = gpu_train.peak_flops(torch.cuda.get_device_name(0))
+        peak, report["peak_source"] = gpu_report.peak_flops(torch.cuda.get_device_name(0))
         peak = float(os.environ["PEAK_TFLOPS"]) * 1e12 if "PEAK_TFLOPS" in os.environ else peak
     report["peak_tflops"] = peak / 1e12 if peak else None
     names = args.parts.split(",")

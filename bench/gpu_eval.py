@@ -53,7 +53,8 @@ def run(sizes: dict, data: Path, work: Path, device: str, part, note) -> dict[st
     from squadtune.squad_io import read_file, validate
 
     settings = recipe()
-    evaluation, max_len = settings["evaluation"], settings["data"]["max_seq_len"]
+    evaluation = settings["evaluation"]
+    max_len = sizes.get("max_seq_len", settings["data"]["max_seq_len"])
     tokenizer, _ = tokenizer_with_chat(data / "gpt2-tokenizer")
     rows, _ = read_file(data / "squad" / "dev-v1.1.json.gz")
     rows, _ = validate(rows, "dev", squad_v2=False, max_bad=0.0)

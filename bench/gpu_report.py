@@ -28,6 +28,29 @@ FIELDS = {
 GPU_ONLY = {"mfu", "peak_memory_gib"}
 
 
+# Peak dense bf16 tensor FLOP/s (NVIDIA datasheets: half the "with sparsity" figure). The first
+# entry whose words all appear in the device name counts.
+PEAK_BF16_TFLOPS = (
+    (("H200", "NVL"), 835.0), (("H200",), 989.4), (("H100", "PCIe"), 756.0),
+    (("H100", "NVL"), 835.0), (("H100",), 989.4), (("A100",), 312.0), (("L40S",), 362.1),
+)
+
+
+def peak_flops(device_name: str) -> tuple[float | None, str]:
+    for words, tflops in PEAK_BF16_TFLOPS:
+        if all(w in device_name for w in words):
+            return tflops * 1e12, f"{' '.join(words)} dense bf16 {tflops} TFLOP/s (datasheet)"
+    return None, f"no peak known for {device_name!r}"
+
+
+def flops_per_token(config, mean_tokens: float) -> float:
+    """Model FLOPs per trained token: 6N + 12 L d T (PaLM's convention, a full fine-tune's
+    work), N = 12 L d^2 + d V the matmul weights (blocks and LM head), T the mean row length."""
+    layers, width, vocab = config.n_layer, config.n_embd, config.vocab_size
+    n = 12 * layers * width**2 + width * vocab
+    return 6 * n + 12 * layers * width * mean_tokens
+
+
 def ratio(a: Any, b: Any) -> float | None:
     return a / b if isinstance(a, NUMBER) and isinstance(b, NUMBER) and b else None
 

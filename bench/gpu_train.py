@@ -43,14 +43,6 @@ VARIANTS = {
     "trl_bf16_lora": ("trl", False, False, BF16),
     "seed_bf16": ("seed", False, True, BF16),
 }
-# Peak dense bf16 tensor FLOP/s (NVIDIA datasheets: half the "with sparsity" figure). The first
-# entry whose words all appear in the device name counts.
-PEAK_BF16_TFLOPS = (
-    (("H200", "NVL"), 835.0), (("H200",), 989.4), (("H100", "PCIe"), 756.0),
-    (("H100", "NVL"), 835.0), (("H100",), 989.4), (("A100",), 312.0), (("L40S",), 362.1),
-)
-
-
 def recipe() -> dict[str, Any]:
     import yaml
 
@@ -69,21 +61,6 @@ def lora_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
     lora["r"] = lora.pop("lora_r")
     lora.setdefault("train_new_tokens", True)
     return lora
-
-
-def peak_flops(device_name: str) -> tuple[float | None, str]:
-    for words, tflops in PEAK_BF16_TFLOPS:
-        if all(w in device_name for w in words):
-            return tflops * 1e12, f"{' '.join(words)} dense bf16 {tflops} TFLOP/s (datasheet)"
-    return None, f"no peak known for {device_name!r}"
-
-
-def flops_per_token(config, mean_tokens: float) -> float:
-    """Model FLOPs per trained token: 6N + 12 L d T (PaLM's convention, a full fine-tune's
-    work), N = 12 L d^2 + d V the matmul weights (blocks and LM head), T the mean row length."""
-    layers, width, vocab = config.n_layer, config.n_embd, config.vocab_size
-    n = 12 * layers * width**2 + width * vocab
-    return 6 * n + 12 * layers * width * mean_tokens
 
 
 def tokenizer_with_chat(tokenizer_dir: Path):
@@ -252,10 +229,12 @@ def run_variant(name: str, job: dict, limit_s: float) -> dict[str, Any]:
     device, sizes = job["device"], job["sizes"]
     kwargs = trainer_kwargs(job["settings"], **{**overrides, **sizes.get("training", {}),
                                                 "max_steps": sizes["warmup"] + sizes["steps"]})
+    before = None
     if device == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        before = round(torch.cuda.memory_allocated() / 2**30, 3)  # what an earlier run left
     model = lora_model(job["base"], len(job["tokenizer"]), job["settings"], quantized,
                        job["new_ids"] if new_tokens else None, device)
     rows, tokenizer = (job["seed"] if kind == "seed" else (job["ours"], job["tokenizer"]))
@@ -266,6 +245,8 @@ def run_variant(name: str, job: dict, limit_s: float) -> dict[str, Any]:
     result = window.figures()
     per_step = kwargs["per_device_train_batch_size"] * kwargs["gradient_accumulation_steps"]
     mean_tokens = result["tokens"] / (result["timed_steps"] * per_step)
+    from bench.gpu_report import flops_per_token
+
     flops = flops_per_token(model.config, mean_tokens) * result["tokens_per_s"]
     peak = job["peak_flops"]
     result.update(
@@ -277,7 +258,7 @@ def run_variant(name: str, job: dict, limit_s: float) -> dict[str, Any]:
         train_loss=round(output.training_loss, 4), model_tflops_per_s=round(flops / 1e12, 3),
         mfu=round(flops / peak, 4) if peak else None,
         peak_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3)
-        if device == "cuda" else None,
+        if device == "cuda" else None, memory_before_gib=before,
     )
     if name == "ours_4bit":  # the evaluation part answers with this adapter
         model.save_pretrained(str(job["work"] / "adapter"), safe_serialization=True)
@@ -298,7 +279,8 @@ def run(sizes: dict, data: Path, work: Path, device: str, part, note) -> dict[st
     kwargs = trainer_kwargs(settings, **sizes.get("training", {}))
     per_step = kwargs["per_device_train_batch_size"] * kwargs["gradient_accumulation_steps"]
     examples = draw_examples(good, (sizes["warmup"] + sizes["steps"]) * per_step + 64)
-    ours, kept = our_rows(tokenizer, examples, settings["data"]["max_seq_len"])
+    ours, kept = our_rows(tokenizer, examples,
+                          sizes.get("max_seq_len", settings["data"]["max_seq_len"]))
     save_base(len(tokenizer), sizes["shape"], work / "base")
     job = {"device": device, "sizes": sizes, "settings": settings, "tokenizer": tokenizer,
            "new_ids": new_ids, "ours": ours, "seed": seed_rows(data / "gpt2-tokenizer", kept),

@@ -124,3 +124,20 @@ def test_field_check_names_what_is_missing():
     report["mode"] = "cpu"  # a CPU has no peak FLOP/s: no MFU is expected there
     assert gpu_report.problems(report, strict=False) == ["part tests: failed"]
     assert Path(ROOT / "bench" / "gpu_check.sh").stat().st_mode & 0o111, "executable"
+
+
+def test_mfu_formula_and_peak_by_device_name():
+    """6N + 12 L d T with N the GPT-2-small matmul weights (123.5 M with the 4 chat tokens), and
+    the datasheet peak picked by the device's name."""
+    from types import SimpleNamespace
+
+    from bench.gpu_report import flops_per_token, peak_flops
+
+    small = SimpleNamespace(n_layer=12, n_embd=768, vocab_size=50_261)
+    assert flops_per_token(small, 0) == 6 * 123_535_104
+    assert flops_per_token(small, 256) - flops_per_token(small, 0) == 12 * 12 * 768 * 256
+    assert peak_flops("NVIDIA H100 80GB HBM3")[0] == 989.4e12
+    assert peak_flops("NVIDIA H100 PCIe")[0] == 756e12
+    assert peak_flops("NVIDIA H200")[0] == 989.4e12
+    assert peak_flops("NVIDIA H200 NVL")[0] == 835e12
+    assert peak_flops("Tesla T4")[0] is None
