@@ -148,12 +148,13 @@ def lora_model(base_dir: Path, vocab: int, settings: dict, quantized: bool, new_
 
 
 class Window:
-    """A `TrainerCallback` timing the steps after `warmup`, stopping after `limit_s` of them."""
+    """A `TrainerCallback` timing the steps after `warmup`; training stops at the first step
+    that ends past `deadline` (epoch seconds), but never before one step is timed."""
 
-    def __init__(self, warmup: int, limit_s: float, device: str):
+    def __init__(self, warmup: int, deadline: float, device: str):
         from transformers import TrainerCallback
 
-        self.warmup, self.limit_s, self.device = warmup, limit_s, device
+        self.warmup, self.deadline, self.device = warmup, deadline, device
         self.start = self.end = None
         self.tokens0 = self.tokens1 = self.step0 = self.step1 = 0
         window = self
@@ -177,7 +178,7 @@ class Window:
                 state.global_step
         elif self.start is not None:
             last = state.global_step >= state.max_steps
-            if last or time.perf_counter() - self.start > self.limit_s:
+            if last or time.time() > self.deadline:
                 control.should_training_stop = True
                 self.end, self.tokens1, self.step1 = self._now(), state.num_input_tokens_seen, \
                     state.global_step
@@ -217,14 +218,16 @@ def make_trainer(kind: str, model, rows, tokenizer, kwargs: dict, work: Path, de
                    data_collator=collate)
 
 
-def run_variant(name: str, job: dict, limit_s: float) -> dict[str, Any]:
-    """Train one variant for `warmup` + up to `steps` steps; its speed, MFU and peak memory."""
+def run_variant(name: str, job: dict, seconds: float) -> dict[str, Any]:
+    """Train one variant for `warmup` + up to `steps` steps, within `seconds` (its load and
+    warm-up included); its speed, MFU and peak memory."""
     import gc
 
     import torch
 
     from squadtune.trainer import describe_optimizer
 
+    deadline = time.time() + seconds
     kind, quantized, new_tokens, overrides = VARIANTS[name]
     device, sizes = job["device"], job["sizes"]
     kwargs = trainer_kwargs(job["settings"], **{**overrides, **sizes.get("training", {}),
@@ -239,7 +242,7 @@ def run_variant(name: str, job: dict, limit_s: float) -> dict[str, Any]:
                        job["new_ids"] if new_tokens else None, device)
     rows, tokenizer = (job["seed"] if kind == "seed" else (job["ours"], job["tokenizer"]))
     trainer = make_trainer(kind, model, rows, tokenizer, kwargs, job["work"], device)
-    window = Window(sizes["warmup"], limit_s, device)
+    window = Window(sizes["warmup"], deadline, device)
     trainer.add_callback(window.callback)
     output = trainer.train()
     result = window.figures()
