@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import gpu_eval, gpu_report, gpu_train  # noqa: E402
-from bench.gpu_kit import CARRIED, KIT, data_dir, measure  # noqa: E402
+from bench.gpu_kit import CARRIED, KIT, LEFT_BEHIND, data_dir, measure  # noqa: E402
 
 # Per mode: the sizes each part runs at, its time limit (s), and the whole run's limit.
 SIZES = {
@@ -94,7 +94,7 @@ def versions(sizes, data, work, device, part, note) -> dict[str, Any]:
     for name in CARRIED:
         for line in metadata.requires(name) or []:
             req = Requirement(line)
-            if req.marker and not req.marker.evaluate(env):
+            if req.marker and not req.marker.evaluate(env) or req.name in LEFT_BEHIND:
                 continue
             try:
                 have = metadata.version(req.name)
@@ -102,7 +102,7 @@ def versions(sizes, data, work, device, part, note) -> dict[str, Any]:
                 have = None
             if have is None or not req.specifier.contains(have, prereleases=True):
                 unmet.append(f"{name} needs {req}, has {have}")
-    out["unmet_requirements"] = unmet  # kernels is left out on purpose (gpu_kit.CARRIED)
+    out["unmet_requirements"] = unmet
     return out
 
 
@@ -118,8 +118,10 @@ def tests(sizes, data, work, device, part, note) -> dict[str, Any]:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=part.left())
         output, status = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as stopped:
-        output, status = (stopped.stdout or b"").decode(errors="replace"), "timed out"
+    except subprocess.TimeoutExpired as stopped:  # its output so far: bytes on POSIX
+        out = stopped.stdout or b""
+        output = out.decode(errors="replace") if isinstance(out, bytes) else out
+        status = "timed out"
     lines = output.splitlines()
     # `-q --collect-only` prints one test id a line; `-rA` one "OUTCOME id [- reason]" a line.
     ids = {w for line in lines if not line.startswith(" ") for w in line.split() if "::" in w}

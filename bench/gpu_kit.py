@@ -27,8 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 KIT = ROOT / ".whl"
 LIMIT_BYTES = 64 * 2**20
-# Distribution -> why it travels. `kernels` (a requirement of transformers) stays behind:
-# transformers imports it only when it is installed, and its wheel alone is 2.7 MB.
+# Requirements of carried packages that stay behind: transformers imports `kernels` only when
+# it is installed, and its wheel alone is 2.7 MB.
+LEFT_BEHIND = {"kernels"}
+# Distribution -> why it travels.
 CARRIED = {
     "bitsandbytes": "4-bit NF4 and paged 8-bit AdamW; not on the box",
     "transformers": "the box has 5.17; squadtune needs >= 5.24 (`cache=`)",

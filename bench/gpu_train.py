@@ -43,6 +43,8 @@ VARIANTS = {
     "trl_bf16_lora": ("trl", False, False, BF16),
     "seed_bf16": ("seed", False, True, BF16),
 }
+
+
 def recipe() -> dict[str, Any]:
     import yaml
 
