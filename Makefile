@@ -75,6 +75,12 @@ down:
 status:
 	$(BIN)/python deployments/servers.py status
 
+## gpu-wheels: what bench/gpu_check.sh needs on a bare GPU box (Python 3.12 wheels, the dev set,
+## the tokenizer) into the git-ignored .whl/, and the size that travels (README: GPU figures)
+.PHONY: gpu-wheels
+gpu-wheels: $(STAMP)
+	$(BIN)/python bench/gpu_kit.py
+
 ## bench: every benchmark, one JSON line each
 bench: $(STAMP)
 	$(BIN)/python bench/data.py
