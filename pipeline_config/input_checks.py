@@ -125,17 +125,17 @@ def registry_problems(config: PipelineConfig) -> list[Problem]:
 def _data_problem(data_json: str, stamps: tuple) -> str | None:
     """Read and validate the local data files as the data stage will (cached per file state:
     the CLI and the flow both run preflight)."""
-    from squadtune.data_sources import check_newest, read_sources
-    from squadtune.squad_io import DataError, eval_overlap, validate
+    from squadtune.data_sources import checked, read_sources
+    from squadtune.squad_io import DataError, eval_overlap
 
     data = DataConfig.model_validate_json(data_json)
     try:
         train, v2, sources = read_sources(data.train_files, "data.train_files")
         held, eval_v2, eval_sources = read_sources(data.eval_files, "data.eval_files")
         squad_v2 = (v2 or eval_v2) if data.squad_v2 is None else data.squad_v2
-        train, bad = validate(train, "train", squad_v2, data.max_bad_fraction)
-        held, bad_eval = validate(held, "eval", squad_v2, data.max_bad_fraction)
-        check_newest(sources + eval_sources, bad + bad_eval)
+        (train, _), (held, _) = checked(train, held, squad_v2,
+                                        {"train": sources, "eval": eval_sources},
+                                        data.max_bad_fraction)
         overlap = eval_overlap(train, held)
     except DataError as exc:
         return str(exc)

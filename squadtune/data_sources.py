@@ -17,7 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from squadtune.squad_io import DataError, data_files, example, file_bytes, read_file
+from squadtune.squad_io import (
+    DataError,
+    check_share,
+    data_files,
+    example,
+    file_bytes,
+    read_file,
+    validate,
+)
 
 
 @dataclass(frozen=True)
@@ -98,7 +106,7 @@ def bad_by_file(bad: list[dict[str, Any]]) -> dict[str, int]:
     return dict(Counter(b.get("file", "") for b in bad).most_common())
 
 
-def check_newest(sources: list[Source], bad: list[dict[str, Any]]) -> None:
+def check_newest(sources: list[Source], bad: list[dict[str, Any]], squad_v2: bool) -> None:
     """Refuse a run whose newest file in a watched folder holds any bad record: the file just
     dropped in is the one a person can still fix."""
     folders = {s.folder for s in sources if s.folder}
@@ -106,13 +114,28 @@ def check_newest(sources: list[Source], bad: list[dict[str, Any]]) -> None:
         newest = max((s for s in sources if s.folder == folder),
                      key=lambda s: (s.mtime, s.path.name))
         rejected = [b for b in bad if b.get("file") == newest.label]
-        if rejected:
-            examples = "; ".join(example(b) for b in rejected[:3])
-            raise DataError(
-                f"{newest.path}: {len(rejected)} of {newest.records} records are malformed "
-                f"({examples}). It is the newest file of the watched folder {folder}, so the "
-                f"run stops before training on it: fix the record(s) and copy the file in "
-                f"again, or move it out of {folder}")
+        if not rejected:
+            continue
+        examples = "; ".join(example(b) for b in rejected[:3])
+        # Unanswerable questions in a file that says v1.1 are v2.0 data, not bad data.
+        fix = ("set data.squad_v2=true (the file holds unanswerable, SQuAD v2.0 questions)"
+               if not squad_v2 and all(b["reason"] == "no answer" for b in rejected) else
+               f"fix the record(s) and copy the file in again, or move it out of {folder}")
+        raise DataError(
+            f"{newest.path}: {len(rejected)} of {newest.records} records are malformed "
+            f"({examples}). It is the newest file of the watched folder {folder}, so the run "
+            f"stops before training on it. To go on, {fix}")
+
+
+def checked(train: list, held: list, squad_v2: bool, sources: dict[str, list[Source]],
+            max_bad: float) -> tuple[tuple[list, list], tuple[list, list]]:
+    """Both splits validated, (good, bad) each: a bad record in a watched folder's newest file
+    is refused first (the file a person just dropped in), then each split's share of bad ones."""
+    results = validate(train, "train", squad_v2, None), validate(held, "eval", squad_v2, None)
+    check_newest(sources["train"] + sources["eval"], results[0][1] + results[1][1], squad_v2)
+    check_share(train, results[0][1], "train", squad_v2, max_bad)
+    check_share(held, results[1][1], "eval", squad_v2, max_bad)
+    return results
 
 
 def let_through(bad: list[dict[str, Any]], max_bad: float) -> str | None:

@@ -211,10 +211,11 @@ def example(bad: dict[str, Any]) -> str:
 
 
 def validate(
-    rows: list[dict[str, Any]], split: str, squad_v2: bool, max_bad: float
+    rows: list[dict[str, Any]], split: str, squad_v2: bool, max_bad: float | None
 ) -> tuple[list[dict], list[dict]]:
     """Good rows in the hub schema, and one rejection record per bad row (with its file's name
-    when the rows came from `squadtune.data_sources`)."""
+    when the rows came from `squadtune.data_sources`). Refuses more than `max_bad` of them
+    (None: the caller checks the share, with `check_share`)."""
     seen: dict[str, str] = {}
     good, bad = [], []
     for n, row in enumerate(rows):
@@ -226,26 +227,34 @@ def validate(
                         **({"file": row["_file"]} if row.get("_file") else {})})
         else:
             good.append({k: row[k] for k in COLUMNS})
-    if rows and len(bad) / len(rows) > max_bad:
-        reasons = Counter(reason_kind(b["reason"]) for b in bad).most_common(3)
-        examples = "; ".join(example(b) for b in bad[:3])
-        folders = sorted({r["_folder"] for r in rows if r.get("_folder")})
-        # Unanswerable questions in a file that says v1.1 are v2.0 data, not bad data.
-        if not squad_v2 and reasons[0][0] == "no answer":
-            fix = "set data.squad_v2=true (the file holds unanswerable, SQuAD v2.0 questions)"
-        elif folders:
-            per_file = Counter(b.get("file") for b in bad).most_common()
-            fix = (f"fix the records or move the files that hold them out of "
-                   f"{', '.join(folders)} ({', '.join(f'{f}: {c}' for f, c in per_file)}), "
-                   "or raise data.max_bad_fraction")
-        else:
-            fix = "fix the data or raise data.max_bad_fraction"
-        raise DataError(
-            f"{split}: {len(bad)} of {len(rows)} records are malformed, over "
-            f"data.max_bad_fraction={max_bad}. Most common: {reasons}. For example {examples}. "
-            f"To go on, {fix}"
-        )
+    if max_bad is not None:
+        check_share(rows, bad, split, squad_v2, max_bad)
     return good, bad
+
+
+def check_share(rows: list[dict], bad: list[dict], split: str, squad_v2: bool,
+                max_bad: float) -> None:
+    """Refuse a split whose share of bad records passes `max_bad`, naming the fix."""
+    if not rows or len(bad) / len(rows) <= max_bad:
+        return
+    reasons = Counter(reason_kind(b["reason"]) for b in bad).most_common(3)
+    examples = "; ".join(example(b) for b in bad[:3])
+    folders = sorted({r["_folder"] for r in rows if r.get("_folder")})
+    # Unanswerable questions in a file that says v1.1 are v2.0 data, not bad data.
+    if not squad_v2 and reasons[0][0] == "no answer":
+        fix = "set data.squad_v2=true (the file holds unanswerable, SQuAD v2.0 questions)"
+    elif folders:
+        per_file = Counter(b.get("file") for b in bad).most_common()
+        fix = (f"fix the records or move the files that hold them out of "
+               f"{', '.join(folders)} ({', '.join(f'{f}: {c}' for f, c in per_file)}), "
+               "or raise data.max_bad_fraction")
+    else:
+        fix = "fix the data or raise data.max_bad_fraction"
+    raise DataError(
+        f"{split}: {len(bad)} of {len(rows)} records are malformed, over "
+        f"data.max_bad_fraction={max_bad}. Most common: {reasons}. For example {examples}. "
+        f"To go on, {fix}"
+    )
 
 
 def eval_overlap(train: list[dict], held: list[dict]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline_config import DataConfig
-from squadtune.data_sources import Source, bad_by_file, check_newest, let_through, read_sources
+from squadtune.data_sources import Source, bad_by_file, checked, let_through, read_sources
 from squadtune.hashing import sha256_file
 from squadtune.squad_io import (
     COLUMNS,
@@ -27,7 +27,6 @@ from squadtune.squad_io import (
     eval_overlap,
     reason_kind,
     split_by_article,
-    validate,
 )
 from tasks.manifest import StageOutput, write_json
 from tasks.outputs import DataFile, SquadData
@@ -115,9 +114,8 @@ def load_squad(run: Run, identity: dict[str, Any], out: Path) -> SquadData:
         held = read_hub(cfg, cfg.eval_split, identity["hub_revision"])
         v2 = "v2" in (cfg.hub_dataset or "").lower()
     squad_v2 = v2 if cfg.squad_v2 is None else cfg.squad_v2
-    train, bad_train = validate(train, "train", squad_v2, cfg.max_bad_fraction)
-    held, bad_eval = validate(held, "eval", squad_v2, cfg.max_bad_fraction)
-    check_newest(sources["train"] + sources["eval"], bad_train + bad_eval)
+    (train, bad_train), (held, bad_eval) = checked(train, held, squad_v2, sources,
+                                                   cfg.max_bad_fraction)
     if cfg.train_files and not cfg.eval_files:
         train, held, titles = split_by_article(train, cfg.heldout_fraction, cfg.seed)
         split_info = {
