@@ -10,6 +10,7 @@ from squadtune import squad_io
 from squadtune.hashing import sha256_file
 from squadtune.squad_io import DataError
 from tasks import load_squad
+from tasks.report_parts import left_out
 from tasks.stage import Run
 from tests.conftest import TOKENIZER_DIR, write_squad
 
@@ -291,6 +292,7 @@ def test_the_newest_file_of_a_watched_folder_must_hold_no_bad_record(tmp_path, c
         "a.json": (119, 0), "b.json": (2, 1), "c.json": (9, 0)}
     assert ("1 malformed records left out, under data.max_bad_fraction=0.01 (b.json: 1; e.g. "
             "b.json id 'q120': answer not in context") in caplog.text
+    assert left_out(squad) == "1 malformed record (b.json: 1)", "as the run summary says it"
 
 
 def test_a_duplicate_file_in_a_folder_names_both_files(tmp_path):

@@ -3,6 +3,8 @@ HasAns and NoAns EM/F1 beside the overall ones (printed summary, `run-summary` a
 and the malformed records a run went on without are named per file."""
 
 import json
+import os
+import time
 
 import mlflow
 import pytest
@@ -74,8 +76,17 @@ def test_a_v2_run_shows_hasans_and_noans_beside_the_overall_scores(
         squad_doc, tmp_path, prefect_harness):
     from flows.finetune import finetune
 
-    data = write_squad(tmp_path / "v2.json", v2_articles(squad_doc, 20, 3), version="v2.0")
-    raw = tiny_config_dict(data, tmp_path / "state")
+    # A watched folder: an older file with one bad record, which the run goes on without
+    # (data.max_bad_fraction 5%), and a newer, clean one.
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    older = v2_articles(squad_doc, 20, 2)
+    older[0]["paragraphs"][0]["qas"][0]["answers"][0]["text"] = "not in the paragraph"
+    write_squad(incoming / "a.json", older, version="v2.0")
+    os.utime(incoming / "a.json", (time.time() - 60, time.time() - 60))
+    write_squad(incoming / "b.json", v2_articles(squad_doc, 22, 1), version="v2.0")
+    raw = tiny_config_dict(incoming, tmp_path / "state")
+    raw["data"].update(train_files=[str(incoming)], max_bad_fraction=0.05)
     raw["training"].update(max_steps=1, save_steps=1)
     raw["evaluation"].update(max_samples=None, max_new_tokens=2)
     raw["registry"]["model_name"] = "squadtune-test-v2"
@@ -92,6 +103,10 @@ def test_a_v2_run_shows_hasans_and_noans_beside_the_overall_scores(
             f"{summary['HasAns_exact']:.2f} | {summary['HasAns_f1']:.2f} |") in report
     assert (f"| baseline (base model, no adapter), unanswerable questions (NoAns, "
             f"{summary['NoAns_total']:.0f}) |") in report
+    said = "went on without 1 malformed record (a.json: 1)"
+    assert said in report
+    gate = flow_artifacts(state)["gate"].data
+    assert "went on without 1 malformed record (a.json: 1) of its data" in gate, gate
     run = mlflow.MlflowClient().get_run(summary["mlflow_run_id"])
     assert run.data.metrics["eval/NoAns_f1"] == pytest.approx(summary["NoAns_f1"], abs=0.01)
     # Named by its data: the flow run, the MLflow run and the summary agree.
