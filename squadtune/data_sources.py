@@ -144,5 +144,6 @@ def let_through(bad: list[dict[str, Any]], max_bad: float) -> str | None:
     if not bad:
         return None
     files = ", ".join(f"{name or 'hub'}: {count}" for name, count in bad_by_file(bad).items())
-    return (f"{len(bad)} malformed records left out, under data.max_bad_fraction={max_bad} "
-            f"({files}; e.g. {example(bad[0])}); rejected.jsonl lists them")
+    plural = "s" if len(bad) > 1 else ""
+    return (f"{len(bad)} malformed record{plural} left out, under data.max_bad_fraction="
+            f"{max_bad} ({files}; e.g. {example(bad[0])})")

@@ -30,7 +30,7 @@ from squadtune.squad_io import (
 )
 from tasks.manifest import StageOutput, write_json
 from tasks.outputs import DataFile, SquadData
-from tasks.stage import Run, stage
+from tasks.stage import SCRATCH, Run, stage
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,8 @@ def load_squad(run: Run, identity: dict[str, Any], out: Path) -> SquadData:
     write_json(out / "data_manifest.json", own)
     warning = let_through(rejected, cfg.max_bad_fraction)
     if warning:
-        run_logger().warning("%s (%s)", warning, out / "rejected.jsonl")
+        final = out.with_name(out.name.split(SCRATCH)[0])  # where the stage's output lands
+        run_logger().warning("%s; %s lists them", warning, final / "rejected.jsonl")
     return summary
 
 

@@ -290,9 +290,10 @@ def test_the_newest_file_of_a_watched_folder_must_hold_no_bad_record(tmp_path, c
         squad = build(config.data, tmp_path / "state")
     assert {f.file: (f.records, f.rejected) for f in squad.data_files} == {
         "a.json": (119, 0), "b.json": (2, 1), "c.json": (9, 0)}
-    assert ("1 malformed records left out, under data.max_bad_fraction=0.01 (b.json: 1; e.g. "
+    assert ("1 malformed record left out, under data.max_bad_fraction=0.01 (b.json: 1; e.g. "
             "b.json id 'q120': answer not in context") in caplog.text
     assert left_out(squad) == "1 malformed record (b.json: 1)", "as the run summary says it"
+    assert f"{squad.dir / 'rejected.jsonl'} lists them" in caplog.text
 
 
 def test_a_duplicate_file_in_a_folder_names_both_files(tmp_path):
