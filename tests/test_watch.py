@@ -6,6 +6,7 @@ file renamed when complete, a hidden file (nothing), a file written slowly (once
 (The trigger and the runs the events start: tests/test_retrain_loop.py.)"""
 
 import json
+import os
 import threading
 import time
 import uuid
@@ -59,6 +60,7 @@ def watcher(prefect_harness, squad_doc, tmp_path):
     incoming = tmp_path / "incoming"
     incoming.mkdir()
     write_squad(incoming / "a.json", squad_doc["data"][44:46])
+    os.utime(incoming / "a.json", (time.time() - 60, time.time() - 60))  # long finished
     raw = tiny_config_dict(incoming, tmp_path / "state")
     raw["data"]["train_files"] = [str(incoming)]
     name = f"watched-{uuid.uuid4().hex[:8]}"
@@ -136,15 +138,15 @@ def test_a_file_written_slowly_is_announced_once_when_complete(watcher):
     """Three chunks a second apart, as a slow copy writes them: one announcement, of the whole
     file, not one per pause."""
     incoming, config = watcher["incoming"], watcher["config"]
-    watcher["start"](settle_s=2.5)
+    watcher["start"](settle_s=2.0)
     announcements(watcher, 1)
     blob = json.dumps({"version": "1.1", "data": watcher["articles"][47:49]}).encode()
+    third = len(blob) // 3
     with open(incoming / "slow.json", "wb") as fh:
-        for chunk in (blob[: len(blob) // 3], blob[len(blob) // 3: 2 * len(blob) // 3],
-                      blob[2 * len(blob) // 3:]):
+        for n, chunk in enumerate((blob[:third], blob[third:2 * third], blob[2 * third:])):
+            time.sleep(1.0 if n else 0)  # a pause, shorter than the 2 s of quiet it waits for
             fh.write(chunk)
             fh.flush()
-            time.sleep(1.0)
     complete = data_state(config)["key"]
     found = announcements(watcher, 2)
     assert found[1] == {"event": CHANGED, "key": complete, "files": ["a.json", "slow.json"]}, (
