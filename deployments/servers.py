@@ -23,6 +23,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from flows import worker_logging
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -147,6 +149,9 @@ def up(args) -> None:
              "--name", f"squadtune-{pool}"],
             {**client_env, "PREFECT_HOME": str(state / "prefect-home"),
              "PREFECT_WORKER_QUERY_SECONDS": str(args.worker_poll_seconds),
+             # Says once, not at every poll, that a run waits for its concurrency slot.
+             "PREFECT_LOGGING_SETTINGS_PATH": str(worker_logging.write_config(
+                 svc.run_dir / "worker-logging.yml")),
              "PATH": f"{BIN}:{os.environ.get('PATH', '')}"},
             f"--pool {pool}",
         )

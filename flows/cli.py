@@ -231,8 +231,9 @@ def parser() -> argparse.ArgumentParser:
                            "Prefect events (its trigger starts the retraining run)")
     watch.add_argument("--deployment", required=True, help="e.g. finetune/finetune-retrain")
     watch.add_argument("--once", action="store_true", help="check once, announce, and exit")
-    watch.add_argument("--settle", type=float, default=2.0,
-                       help="seconds the files must be quiet before a change is checked")
+    watch.add_argument("--settle", type=float, default=5.0,
+                       help="seconds a changed file must be quiet (no write) before it is "
+                       "checked, so that a file being copied in is announced once, complete")
     watch.add_argument("--refresh", type=float, default=60.0,
                        help="seconds between reads of the deployment's config (a config edited "
                        "in the UI takes effect)")

@@ -3,11 +3,13 @@ gate against @staging."""
 
 from __future__ import annotations
 
+import contextlib
+
 from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.train import train_on_pool
-from pipeline_config import PipelineConfig, preflight
+from pipeline_config import InputError, PipelineConfig, preflight
 from squadtune.squad_io import check_overlap
 from tasks.base_model import prepare_base_model
 from tasks.evaluate import evaluate_adapter
@@ -17,15 +19,21 @@ from tasks.load_squad import load_squad
 from tasks.lora import apply_lora
 from tasks.register import register_adapter
 from tasks.report import report_run
+from tasks.report_parts import run_name
 from tasks.stage import Run, sweep_scratch
 from tasks.tracking import local_defaults, mlflow_run
 from tasks.train import TrainJob, train_adapter
 
 
 def _run_name() -> str:
+    """Named by the config and by the data it trains on (see `tasks.report_parts.run_name`)."""
     config = flow_run.parameters.get("config")
     config = PipelineConfig.model_validate(config) if config is not None else PipelineConfig()
-    return config.short_name()
+    data_key = None
+    if config.data.train_files:  # a hub revision lookup would cost a network call: not named
+        with contextlib.suppress(InputError, OSError):  # unreadable data: preflight says why
+            data_key = load_squad.key(Run(config=config, state_dir=config.tracking.state_dir))
+    return run_name(config, data_key)
 
 
 @flow(name="finetune", flow_run_name=_run_name, log_prints=True, validate_parameters=True)
@@ -40,7 +48,7 @@ def finetune(config: PipelineConfig = PipelineConfig()) -> dict:  # noqa: B008
     state = str(local_defaults(config.tracking.state_dir))
     for scratch in sweep_scratch(state):
         print(f"removed {scratch}: the scratch directory of a build that died")
-    with mlflow_run(config, flow_run.id, config.short_name()) as run_id:
+    with mlflow_run(config, flow_run.id, flow_run.name or config.short_name()) as run_id:
         run = Run(config=config, state_dir=state, mlflow_run_id=run_id,
                   flow_run_id=str(flow_run.id))
         squad = load_squad(run)

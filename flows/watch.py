@@ -6,14 +6,16 @@ Prefect event; the deployment's trigger in `deployments/prefect.yaml` starts the
 
 The watcher follows the local files and directories the deployment's config trains and evaluates
 on, through the kernel's file notifications (watchfiles), and checks once at start for changes made
-while it was down. A hub dataset has no files to follow: the `check-data` flow checks it on a
-Prefect schedule. Each check computes the data stage's cache key for the deployment's current
-config (each file's sha256, or the hub revision, and the data settings) and asks the stage's
-cache. A finished output for that key means the data was seen: `squadtune.data.unchanged`, which
-nothing triggers on. Otherwise `squadtune.data.changed`, carrying the key as the label the trigger
-groups on (`for_each`), so the same data announced twice within the trigger's window starts one
-run. The watcher reads no data beyond hashing it: a malformed file is the data stage's to refuse,
-with its reason, in the run it triggers.
+while it was down. A change is checked only once every changed file has been quiet (no write
+notification, no recent modification time) for `--settle` seconds, 5 by default: a file copied in
+slowly is announced once, complete, not once per pause of its writer. A hub dataset has no files to
+follow: the `check-data` flow checks it on a Prefect schedule. Each check computes the data stage's
+cache key for the deployment's current config (each file's sha256, or the hub revision, and the
+data settings) and asks the stage's cache. A finished output for that key means the data was seen:
+`squadtune.data.unchanged`, which nothing triggers on. Otherwise `squadtune.data.changed`, carrying
+the key as the label the trigger groups on (`for_each`), so the same data announced twice within
+the trigger's window starts one run. The watcher reads no data beyond hashing it: a malformed file
+is the data stage's to refuse, with its reason, in the run it triggers.
 """
 
 from __future__ import annotations
@@ -121,21 +123,48 @@ def _drain() -> None:
     EventsWorker.drain_all()  # events go out from a background worker: send them before exit
 
 
-def watch(name: str, settle_s: float = 2.0, refresh_s: float = 60.0,
+QUIET_S = 5.0  # a normal copy never pauses this long; a slower writer should write, then rename
+START = "<start>"  # a pending change that stands for what changed while nobody watched
+
+
+def present(paths: list[Path]) -> list[str]:
+    """The data files under the watched paths now."""
+    from squadtune.squad_io import is_data_file
+
+    files = [f for p in paths if p.is_dir() for f in p.iterdir()]
+    files += [p for p in paths if p.is_file()]
+    return [str(f) for f in files if is_data_file(f)]
+
+
+def settled(pending: dict[str, float], settle_s: float) -> bool:
+    """Every changed file has been quiet for `settle_s`: no notification, and no write by its
+    modification time (which also covers a file that was being written when the watch began)."""
+    now, wall = time.monotonic(), time.time()
+    if now - max(pending.values()) < settle_s:
+        return False
+    for path in pending.keys() - {START}:
+        with contextlib.suppress(OSError):  # gone: nothing is being written
+            if 0 <= wall - Path(path).stat().st_mtime < settle_s:
+                return False
+    return True
+
+
+def watch(name: str, settle_s: float = QUIET_S, refresh_s: float = 60.0,
           stop: threading.Event | None = None) -> None:
     """Announce each change of deployment `name`'s data until `stop` is set (or Ctrl-C).
 
-    Changes are grouped until the files have been quiet for `settle_s`; every `refresh_s` the
-    deployment is read again, so a config edited in the UI takes effect. A Prefect server that
-    goes away is waited for."""
+    A change is checked once every changed file has been quiet for `settle_s`, so a file copied
+    in slowly is announced once, complete; every `refresh_s` the deployment is read again, so a
+    config edited in the UI takes effect. A Prefect server that goes away is waited for."""
     from watchfiles import watch as notifications
 
     from squadtune.squad_io import is_data_file
 
     forever = float("inf")
     _, config = deployment_config(name, wait_s=forever)
-    check(name, forever)  # what changed while nobody watched
     stop = stop or threading.Event()
+    pending = {START: -forever}  # check once at start, when the files are quiet
+    tick_ms = int(max(0.1, min(settle_s / 2, refresh_s)) * 1000)
     while not stop.is_set():
         paths = watched_paths(config)
         if not paths:
@@ -155,17 +184,22 @@ def watch(name: str, settle_s: float = 2.0, refresh_s: float = 60.0,
             return is_data_file(p) and (p in named or p.parent in named)
 
         print(f"watching {', '.join(map(str, roots))} for {name}", flush=True)
-        for changes in notifications(*roots, watch_filter=relevant, step=int(settle_s * 1000),
-                                     debounce=max(int(settle_s * 1000) * 15, 1600),
-                                     rust_timeout=int(refresh_s * 1000), yield_on_timeout=True,
-                                     stop_event=stop, recursive=False):
-            if changes:
+        if START in pending:
+            pending.update(dict.fromkeys(present(paths), -forever))
+        read_at = time.monotonic()
+        for changes in notifications(*roots, watch_filter=relevant, rust_timeout=tick_ms,
+                                     yield_on_timeout=True, stop_event=stop, recursive=False):
+            now = time.monotonic()
+            pending.update({path: now for _, path in changes})
+            if pending and settled(pending, settle_s):
+                pending.clear()
                 check(name, forever)
-            _, latest = deployment_config(name, forever)
-            if watched_paths(latest) != paths:  # the deployment now reads other paths
-                config = latest
-                check(name, forever)
-                break
+            if now - read_at >= refresh_s:
+                read_at = now
+                _, latest = deployment_config(name, forever)
+                if watched_paths(latest) != paths:  # the deployment now reads other paths
+                    config, pending = latest, {START: -forever}
+                    break
         _drain()
 
 

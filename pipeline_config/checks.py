@@ -199,8 +199,8 @@ def preflight(config: PipelineConfig) -> None:
         fixes = " ".join(dict.fromkeys(f"'{fix}'" if "[" in fix or "{" in fix else fix
                                        for p in found for fix in p.fixes))
         raise ConfigError(
-            f"cannot run this config here: {'; '.join(p.what for p in found)}. "
-            f"Fix with the overrides: {fixes}"
+            f"cannot run this config here: {'; '.join(p.what for p in found)}"
+            + (f". Fix with the overrides: {fixes}" if fixes else "")
         )
     if not uses_hub(config):
         go_offline()

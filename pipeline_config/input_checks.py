@@ -125,15 +125,17 @@ def registry_problems(config: PipelineConfig) -> list[Problem]:
 def _data_problem(data_json: str, stamps: tuple) -> str | None:
     """Read and validate the local data files as the data stage will (cached per file state:
     the CLI and the flow both run preflight)."""
-    from squadtune.squad_io import DataError, eval_overlap, read_local, validate
+    from squadtune.data_sources import checked, read_sources
+    from squadtune.squad_io import DataError, eval_overlap
 
     data = DataConfig.model_validate_json(data_json)
     try:
-        train, v2 = read_local(data.train_files, "data.train_files")
-        held, eval_v2 = read_local(data.eval_files, "data.eval_files")
+        train, v2, sources = read_sources(data.train_files, "data.train_files")
+        held, eval_v2, eval_sources = read_sources(data.eval_files, "data.eval_files")
         squad_v2 = (v2 or eval_v2) if data.squad_v2 is None else data.squad_v2
-        train, _ = validate(train, "train", squad_v2, data.max_bad_fraction)
-        held, _ = validate(held, "eval", squad_v2, data.max_bad_fraction)
+        (train, _), (held, _) = checked(train, held, squad_v2,
+                                        {"train": sources, "eval": eval_sources},
+                                        data.max_bad_fraction)
         overlap = eval_overlap(train, held)
     except DataError as exc:
         return str(exc)
@@ -162,6 +164,8 @@ def data_problems(config: PipelineConfig) -> list[Problem]:
         fixes = ("data.eval_files=[/path/to/heldout.json]", "data.eval_overlap=allow")
     elif "data.squad_v2=true" in wrong:
         fixes = ("data.squad_v2=true",)
+    elif any(Path(p).expanduser().is_dir() for p in (*data.train_files, *data.eval_files)):
+        fixes = ()  # a watched folder: the message says what to do with its files
     else:
         fixes = ("data.train_files=[/path/to/squad.json]",)
     return [Problem(wrong.rstrip("."), fixes)]

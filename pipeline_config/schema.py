@@ -42,9 +42,14 @@ class TrainingConfig(Section):
     # How this pipeline shapes the data it gives the Trainer: not `TrainingArguments` either.
     data_shaping: ClassVar[frozenset[str]] = frozenset({"share_context"})
 
+    # transformers 5 calls it activation_checkpointing, and warns on every run under the old
+    # name; the config keeps the name users know (and the cache keys built on it).
+    renamed: ClassVar[dict[str, str]] = {"gradient_checkpointing": "activation_checkpointing"}
+
     def trainer_kwargs(self) -> dict[str, Any]:
         """The `TrainingArguments` keyword arguments this section sets."""
-        return self.model_dump(exclude=set(self.launch_only | self.data_shaping))
+        kwargs = self.model_dump(exclude=set(self.launch_only | self.data_shaping))
+        return {self.renamed.get(name, name): value for name, value in kwargs.items()}
 
     max_steps: int = Field(10_000, ge=1, description="Optimizer steps.")
     per_device_train_batch_size: int = Field(16, ge=1, description="Examples per device per step.")
@@ -61,7 +66,10 @@ class TrainingConfig(Section):
     optim: str = Field(
         "adamw_torch", description="Trainer optimizer name, e.g. adamw_torch or paged_adamw_8bit."
     )
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward (TrainingArguments' "
+        "activation_checkpointing, its name since transformers 5)."
+    )
     bf16: bool = Field(False, description="bfloat16 mixed precision.")
     fp16: bool = Field(False, description="float16 mixed precision (CUDA only).")
     train_sampling_strategy: Literal["group_by_length", "random", "sequential"] = Field(

@@ -6,7 +6,9 @@ so), and no pipeline config type is imported: the served MLflow model imports th
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,17 @@ import torch
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@contextlib.contextmanager
+def peft_wrapping():
+    """Around PEFT wrapping a model: PEFT 0.21 reads transformers' deprecated
+    `is_gradient_checkpointing` there (a FutureWarning on every run); this code uses the current
+    names, so only that one read is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        yield
 
 
 def default_device() -> str:
@@ -138,9 +151,11 @@ def prepare_for_training(model, gradient_checkpointing: bool):
     if getattr(model, "hf_quantizer", None) is not None:  # loaded in 4 or 8 bit
         if next(model.parameters()).device.type == "cpu":
             disable_cpu_repacking(model)
-        return prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing
-        )
+        # PEFT would enable it under transformers' deprecated name (a warning every run).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if gradient_checkpointing:
+            model.activation_checkpointing_enable()  # and the input grads PEFT would set
+        return model
     for param in model.parameters():
         param.requires_grad_(False)
     if gradient_checkpointing:
@@ -166,7 +181,8 @@ def load_for_inference(
     if adapter_dir is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        with peft_wrapping():
+            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     model.eval()
     return model
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -91,13 +92,26 @@ def _flat_record(raw: Any, title: str | None = None, flat: bool = True) -> dict[
     }
 
 
-def read_squad_json(path: Path) -> tuple[list[dict[str, Any]], bool]:
-    """Flatten a SQuAD v1.1/v2.0 JSON (or .json.gz) file; returns rows and whether it is v2."""
-    opener = gzip.open if path.suffix == ".gz" else open
+def file_bytes(path: Path) -> bytes:
+    """A data file's bytes, read once: what is hashed is what is parsed."""
     try:
-        with opener(path, "rt", encoding="utf-8") as fh:
-            doc = json.load(fh)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, EOFError) as exc:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: not readable ({exc.strerror or exc})") from exc
+
+
+def _text(path: Path, data: bytes, what: str) -> str:
+    try:
+        return (gzip.decompress(data) if path.suffix == ".gz" else data).decode("utf-8")
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a readable {what} file ({exc})") from exc
+
+
+def read_squad_json(path: Path, data: bytes) -> tuple[list[dict[str, Any]], bool]:
+    """Flatten a SQuAD v1.1/v2.0 JSON (or .json.gz) file; returns rows and whether it is v2."""
+    try:
+        doc = json.loads(_text(path, data, "SQuAD JSON"))
+    except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not a readable SQuAD JSON file ({exc})") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
         raise DataError(f"{path}: no top-level 'data' list; expected the SQuAD layout")
@@ -119,13 +133,14 @@ def read_squad_json(path: Path) -> tuple[list[dict[str, Any]], bool]:
     return rows, str(doc.get("version", "")).lstrip("v").startswith("2")
 
 
-def read_flat(path: Path, kind: str) -> list[dict[str, Any]]:
+def read_flat(path: Path, kind: str, data: bytes) -> list[dict[str, Any]]:
     """Rows of a Parquet or JSON Lines file in the hub's flat schema."""
     if kind == "parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         try:
-            table = pq.read_table(path)
+            table = pq.read_table(pa.BufferReader(data))
         except Exception as exc:
             raise DataError(f"{path}: not a readable Parquet file ({exc})") from exc
         missing = {"id", "context", "question", "answers"} - set(table.column_names)
@@ -133,40 +148,40 @@ def read_flat(path: Path, kind: str) -> list[dict[str, Any]]:
             raise DataError(f"{path}: no column(s) {sorted(missing)}; expected {list(COLUMNS)}")
         return [_flat_record(r) for r in table.to_pylist()]
     rows = []
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        rows.append(_flat_record(json.loads(line)))
-                    except json.JSONDecodeError as exc:
-                        raise DataError(f"{path}: line {n} is not JSON ({exc.msg})") from exc
-    except (OSError, UnicodeDecodeError, EOFError) as exc:
-        raise DataError(f"{path}: not a readable JSON Lines file ({exc})") from exc
+    for n, line in enumerate(_text(path, data, "JSON Lines").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(_flat_record(json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: line {n} is not JSON ({exc.msg})") from exc
     return rows
 
 
-def read_file(path: Path) -> tuple[list[dict[str, Any]], bool]:
+def read_file(path: Path, data: bytes | None = None) -> tuple[list[dict[str, Any]], bool]:
+    """Rows of one data file and whether it is v2.0, parsed from `data` (its bytes, read by the
+    caller so that they are the bytes it hashed) or read here."""
     suffixes = [s.lower() for s in path.suffixes]
     kind = next((FLAT_SUFFIXES[s] for s in suffixes if s in FLAT_SUFFIXES), None)
+    if not kind and ".json" not in suffixes:
+        raise DataError(
+            f"{path}: unknown file type; use .json/.json.gz (SQuAD layout), .parquet or .jsonl"
+        )
+    data = file_bytes(path) if data is None else data
     if kind:
-        return read_flat(path, kind), False
-    if ".json" in suffixes:
-        return read_squad_json(path)
-    raise DataError(
-        f"{path}: unknown file type; use .json/.json.gz (SQuAD layout), .parquet or .jsonl"
-    )
+        return read_flat(path, kind, data), False
+    return read_squad_json(path, data)
 
 
-def check_record(row: dict[str, Any], seen: set[str], squad_v2: bool) -> str | None:
-    """The reason a record is unusable, or None."""
+def check_record(row: dict[str, Any], seen: dict[str, str], squad_v2: bool) -> str | None:
+    """The reason a record is unusable, or None. `seen`: ids so far, and the file of each."""
     if row.get("_bad"):
         return row["_bad"]
     if not isinstance(row["id"], str) or not row["id"]:
         return "missing id"
     if row["id"] in seen:
-        return "duplicate id"
+        first = seen[row["id"]]
+        return f"duplicate id: also in {first}" if first != row.get("_file", "") else (
+            "duplicate id")
     if not isinstance(row["context"], str) or not row["context"].strip():
         return "empty context"
     if not isinstance(row["question"], str) or not row["question"].strip():
@@ -189,33 +204,57 @@ def check_record(row: dict[str, Any], seen: set[str], squad_v2: bool) -> str | N
     return None
 
 
+def example(bad: dict[str, Any]) -> str:
+    """One rejected record as a message names it: its file (when known), id and reason."""
+    where = f"{bad['file']} " if bad.get("file") else ""
+    return f"{where}id {bad['id']!r}: {bad['reason']}"
+
+
 def validate(
-    rows: list[dict[str, Any]], split: str, squad_v2: bool, max_bad: float
+    rows: list[dict[str, Any]], split: str, squad_v2: bool, max_bad: float | None
 ) -> tuple[list[dict], list[dict]]:
-    """Good rows in the hub schema, and one rejection record per bad row."""
-    seen: set[str] = set()
+    """Good rows in the hub schema, and one rejection record per bad row (with its file's name
+    when the rows came from `squadtune.data_sources`). Refuses more than `max_bad` of them
+    (None: the caller checks the share, with `check_share`)."""
+    seen: dict[str, str] = {}
     good, bad = [], []
     for n, row in enumerate(rows):
         reason = check_record(row, seen, squad_v2)
         if isinstance(row.get("id"), str):
-            seen.add(row["id"])
+            seen.setdefault(row["id"], row.get("_file", ""))
         if reason:
-            bad.append({"split": split, "row": n, "id": row.get("id"), "reason": reason})
+            bad.append({"split": split, "row": n, "id": row.get("id"), "reason": reason,
+                        **({"file": row["_file"]} if row.get("_file") else {})})
         else:
             good.append({k: row[k] for k in COLUMNS})
-    if rows and len(bad) / len(rows) > max_bad:
-        reasons = Counter(reason_kind(b["reason"]) for b in bad).most_common(3)
-        examples = "; ".join(f"id {b['id']!r}: {b['reason']}" for b in bad[:3])
-        # Unanswerable questions in a file that says v1.1 are v2.0 data, not bad data.
-        fix = "set data.squad_v2=true (the file holds unanswerable, SQuAD v2.0 questions)" if (
-            not squad_v2 and reasons[0][0] == "no answer"
-        ) else "fix the data or raise data.max_bad_fraction"
-        raise DataError(
-            f"{split}: {len(bad)} of {len(rows)} records are malformed, over "
-            f"data.max_bad_fraction={max_bad}. Most common: {reasons}. For example {examples}. "
-            f"To go on, {fix}"
-        )
+    if max_bad is not None:
+        check_share(rows, bad, split, squad_v2, max_bad)
     return good, bad
+
+
+def check_share(rows: list[dict], bad: list[dict], split: str, squad_v2: bool,
+                max_bad: float) -> None:
+    """Refuse a split whose share of bad records passes `max_bad`, naming the fix."""
+    if not rows or len(bad) / len(rows) <= max_bad:
+        return
+    reasons = Counter(reason_kind(b["reason"]) for b in bad).most_common(3)
+    examples = "; ".join(example(b) for b in bad[:3])
+    folders = sorted({r["_folder"] for r in rows if r.get("_folder")})
+    # Unanswerable questions in a file that says v1.1 are v2.0 data, not bad data.
+    if not squad_v2 and reasons[0][0] == "no answer":
+        fix = "set data.squad_v2=true (the file holds unanswerable, SQuAD v2.0 questions)"
+    elif folders:
+        per_file = Counter(b.get("file") for b in bad).most_common()
+        fix = (f"fix the records or move the files that hold them out of "
+               f"{', '.join(folders)} ({', '.join(f'{f}: {c}' for f, c in per_file)}), "
+               "or raise data.max_bad_fraction")
+    else:
+        fix = "fix the data or raise data.max_bad_fraction"
+    raise DataError(
+        f"{split}: {len(bad)} of {len(rows)} records are malformed, over "
+        f"data.max_bad_fraction={max_bad}. Most common: {reasons}. For example {examples}. "
+        f"To go on, {fix}"
+    )
 
 
 def eval_overlap(train: list[dict], held: list[dict]) -> dict[str, Any]:
@@ -259,14 +298,3 @@ def split_by_article(rows: list[dict], fraction: float, seed: int) -> tuple[list
         [r for r in rows if r["title"] in held],
         sorted(held),
     )
-
-
-def read_local(paths: list[str], field: str) -> tuple[list[dict[str, Any]], bool]:
-    rows, v2 = [], False
-    for path in data_files(paths, field):
-        file_rows, file_v2 = read_file(path)
-        rows.extend(file_rows)
-        v2 = v2 or file_v2
-    return rows, v2
-
-

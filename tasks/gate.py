@@ -18,6 +18,7 @@ from squadtune import registry as squadtune_registry
 from squadtune import review
 from tasks.outputs import Registration
 from tasks.registry_lock import registry_lock
+from tasks.report_parts import data_warning
 from tasks.stage import Run
 
 # Every gate reads two predictions tables: MLflow's per-download progress bars would be the bulk
@@ -91,7 +92,8 @@ def publish(run: Run, verdict: review.Verdict) -> None:
     import pandas as pd
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    create_markdown_artifact(verdict_markdown(verdict), key="gate",
+    create_markdown_artifact(verdict_markdown(verdict) + data_warning(run.mlflow_run_id),
+                             key="gate",
                              description=f"{verdict.model} v{verdict.version}: {verdict.outcome}")
     if verdict.changed:
         rows = questions_table(verdict.changed, f"v{verdict.version}", f"v{verdict.against}")

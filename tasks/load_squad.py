@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline_config import DataConfig
+from squadtune.data_sources import Source, bad_by_file, checked, let_through, read_sources
 from squadtune.hashing import sha256_file
 from squadtune.squad_io import (
     COLUMNS,
@@ -24,14 +25,12 @@ from squadtune.squad_io import (
     check_overlap,
     data_files,
     eval_overlap,
-    read_local,
     reason_kind,
     split_by_article,
-    validate,
 )
 from tasks.manifest import StageOutput, write_json
-from tasks.outputs import SquadData
-from tasks.stage import Run, stage
+from tasks.outputs import DataFile, SquadData
+from tasks.stage import SCRATCH, Run, stage
 
 log = logging.getLogger(__name__)
 
@@ -103,17 +102,20 @@ def load_squad(run: Run, identity: dict[str, Any], out: Path) -> SquadData:
 
     cfg = run.config.data
     split_info: dict[str, Any] = {}
-    if cfg.train_files:
-        train, v2 = read_local(cfg.train_files, "data.train_files")
-        held, eval_v2 = read_local(cfg.eval_files, "data.eval_files")
+    sources: dict[str, list[Source]] = {"train": [], "eval": []}
+    if cfg.train_files:  # the bytes the key hashed, or the run stops
+        train, v2, sources["train"] = read_sources(cfg.train_files, "data.train_files",
+                                                   identity["train_files"])
+        held, eval_v2, sources["eval"] = read_sources(cfg.eval_files, "data.eval_files",
+                                                      identity["eval_files"])
         v2 = v2 or eval_v2
     else:
         train = read_hub(cfg, cfg.train_split, identity["hub_revision"])
         held = read_hub(cfg, cfg.eval_split, identity["hub_revision"])
         v2 = "v2" in (cfg.hub_dataset or "").lower()
     squad_v2 = v2 if cfg.squad_v2 is None else cfg.squad_v2
-    train, bad_train = validate(train, "train", squad_v2, cfg.max_bad_fraction)
-    held, bad_eval = validate(held, "eval", squad_v2, cfg.max_bad_fraction)
+    (train, bad_train), (held, bad_eval) = checked(train, held, squad_v2, sources,
+                                                   cfg.max_bad_fraction)
     if cfg.train_files and not cfg.eval_files:
         train, held, titles = split_by_article(train, cfg.heldout_fraction, cfg.seed)
         split_info = {
@@ -148,9 +150,33 @@ def load_squad(run: Run, identity: dict[str, Any], out: Path) -> SquadData:
         rejected={"train": len(bad_train), "eval": len(bad_eval)},
         eval_overlap=overlap,
         rejected_reasons=dict(Counter(reason_kind(r["reason"]) for r in rejected)),
+        data_files=file_summaries(sources, bad_train, bad_eval),
     )
     own = summary.model_dump(exclude=set(StageOutput.model_fields))
     write_json(out / "data_manifest.json", own)
-    if rejected:
-        log.warning("%d malformed records rejected, see %s", len(rejected), out / "rejected.jsonl")
+    warning = let_through(rejected, cfg.max_bad_fraction)
+    if warning:
+        final = out.with_name(out.name.split(SCRATCH)[0])  # where the stage's output lands
+        run_logger().warning("%s; %s lists them", warning, final / "rejected.jsonl")
     return summary
+
+
+def file_summaries(sources: dict[str, list[Source]], bad_train: list, bad_eval: list
+                   ) -> list[DataFile]:
+    """Each local file's records and rejected records, for the manifest and the run summary."""
+    bad = {"train": bad_by_file(bad_train), "eval": bad_by_file(bad_eval)}
+    return [DataFile(file=s.label, split=split, sha256=s.sha256, records=s.records,
+                     rejected=bad[split].get(s.label, 0))
+            for split, found in sources.items() for s in found]
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect task run's logger (its lines reach the run's logs in the UI), or this
+    module's outside a run."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log

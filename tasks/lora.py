@@ -9,6 +9,7 @@ from squadtune.modeling import (
     count_parameters,
     load_base_model,
     lora_config,
+    peft_wrapping,
     prepare_for_training,
 )
 from tasks.outputs import BaseWeights, LoraInit, Tokenized
@@ -25,7 +26,9 @@ def init_adapter(run: Run, base: BaseWeights, tokenized: Tokenized):
     matches = check_targets(model, cfg.lora.target_modules)
     model = prepare_for_training(model, gradient_checkpointing=False)
     torch.manual_seed(cfg.training.seed)
-    peft_model = get_peft_model(model, lora_config(cfg.lora.peft_kwargs(), tokenized.new_token_ids))
+    with peft_wrapping():
+        peft_model = get_peft_model(model, lora_config(cfg.lora.peft_kwargs(),
+                                                       tokenized.new_token_ids))
     return peft_model, LoraInit(target_matches=matches, parameters=count_parameters(peft_model))
 
 

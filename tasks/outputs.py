@@ -33,6 +33,16 @@ class Overlap(Fact):
     share: float
 
 
+class DataFile(Fact):
+    """One local data file a run read: its name (in its folder) or path, and its records."""
+
+    file: str
+    split: str
+    sha256: str
+    records: int
+    rejected: int
+
+
 class SquadData(StageOutput):
     """Validated SQuAD, both splits saved as Arrow (`train/`, `eval/`), bad records listed."""
 
@@ -45,6 +55,7 @@ class SquadData(StageOutput):
     rejected: Split
     eval_overlap: Overlap
     rejected_reasons: dict[str, int]
+    data_files: list[DataFile] = []  # local files only; older manifests have none
 
     def split_dir(self, name: str) -> Path:
         return self.dir / name

@@ -15,6 +15,14 @@ from pipeline_config import PipelineConfig
 from squadtune.mlflow_metrics import log_metrics, logged_steps, metric_name
 from tasks.manifest import StageOutput
 from tasks.outputs import Adapter, EvalResult, Registration, SquadData, Tokenized
+from tasks.report_parts import (
+    LEFT_OUT_TAG,
+    left_out,
+    left_out_line,
+    run_name,
+    score_rows,
+    v2_scores,
+)
 from tasks.stage import Run
 from tasks.tracking import run_url
 
@@ -115,7 +123,7 @@ def markdown_report(
     counts, rejected = squad.counts, squad.rejected
     dropped = sum(tokenized.splits["train"].dropped.values())
     lines = [
-        f"# {config.short_name()}",
+        f"# {run_name(config, squad.key)}",
         "",
         f"Registered **{reg.model_name}** version **{reg.version}** (`@{reg.alias}`); "
         f"MLflow run: {url}",
@@ -126,7 +134,8 @@ def markdown_report(
         "",
         f"**Data**: {counts.train} training and {counts.eval} held-out questions; "
         f"{rejected.train + rejected.eval} malformed records rejected, {dropped} training "
-        f"examples dropped (answer cut off by max_seq_len). {overlap_line(squad)}",
+        f"examples dropped (answer cut off by max_seq_len). {overlap_line(squad)}"
+        + left_out_line(squad, config.data.max_bad_fraction),
         "",
         f"**Training**: {train.global_step} steps, final loss "
         f"{train.final_loss or float('nan'):.4f}"
@@ -135,8 +144,8 @@ def markdown_report(
         "",
         "| | exact match | F1 |",
         "|---|---:|---:|",
-        f"| fine-tuned | {ours.exact_match:.2f} | {ours.f1:.2f} |",
-        f"| baseline (base model, no adapter) | {base.exact_match:.2f} | {base.f1:.2f} |",
+        *score_rows("fine-tuned", ours),
+        *score_rows("baseline (base model, no adapter)", base),
         f"| difference | {ours.exact_match - base.exact_match:+.2f} | "
         f"{ours.f1 - base.f1:+.2f} |",
         "",
@@ -239,10 +248,12 @@ def report_run(
     client.set_tag(run_id, "squadtune.registered_model",
                    f"{registered.model_name}/{registered.version}")
     client.set_tag(run_id, "squadtune.eval_overlap", str(squad.eval_overlap.questions))
+    if left_out(squad):
+        client.set_tag(run_id, LEFT_OUT_TAG, left_out(squad))
     mark_run_kind(run_id, train, registered)
     metrics, base = evaluation.metrics, baseline.metrics
     summary = {
-        "run_name": config.short_name(),
+        "run_name": run_name(config, squad.key),
         "mlflow_run_id": run_id,
         "model_name": registered.model_name,
         "model_version": registered.version,
@@ -252,6 +263,7 @@ def report_run(
         "f1": round(metrics.f1, 2),
         "baseline_exact_match": round(base.exact_match, 2),
         "baseline_f1": round(base.f1, 2),
+        **v2_scores(metrics), **v2_scores(base, "baseline_"),
         "train_steps": train.global_step,
         "final_train_loss": train.final_loss,
         "eval_overlap": squad.eval_overlap.model_dump(),

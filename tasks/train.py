@@ -21,7 +21,12 @@ from pydantic import BaseModel
 from squadtune.chat_format import USER
 from squadtune.checkpoints import checksum_callback, describe, resume_point
 from squadtune.mlflow_metrics import mlflow_callback, system_metrics
-from squadtune.modeling import default_device, load_base_model, prepare_for_training
+from squadtune.modeling import (
+    default_device,
+    load_base_model,
+    peft_wrapping,
+    prepare_for_training,
+)
 from squadtune.shared_training import PackedCollator, pack_paragraphs
 from squadtune.trainer import (
     answer_only_trainer,
@@ -82,7 +87,8 @@ def train_here(job: TrainJob, out: Path) -> Adapter:
     train_ds, eval_ds, data_collator = training_data(job, tokenizer, device)
     model = load_base_model(job.base.spec(), config.quantization, config.model.torch_dtype, device)
     model = prepare_for_training(model, cfg.gradient_checkpointing)
-    model = PeftModel.from_pretrained(model, str(job.lora.adapter_dir), is_trainable=True)
+    with peft_wrapping():
+        model = PeftModel.from_pretrained(model, str(job.lora.adapter_dir), is_trainable=True)
 
     checkpoints_dir = out / "checkpoints"
     resume, skipped = resume_point(checkpoints_dir, cfg.max_steps)  # the newest that loads
@@ -137,7 +143,7 @@ def train_here(job: TrainJob, out: Path) -> Adapter:
         device=device,
         # What actually ran, which a config alone does not prove.
         optimizer=describe_optimizer(getattr(trainer.optimizer, "optimizer", trainer.optimizer)),
-        gradient_checkpointing=bool(model.is_gradient_checkpointing),
+        gradient_checkpointing=bool(model.is_activation_checkpointing),
         mlflow_run_id=run_id,
         adapter_bytes=0,
     )

@@ -10,6 +10,7 @@ from squadtune import squad_io
 from squadtune.hashing import sha256_file
 from squadtune.squad_io import DataError
 from tasks import load_squad
+from tasks.report_parts import left_out
 from tasks.stage import Run
 from tests.conftest import TOKENIZER_DIR, write_squad
 
@@ -225,3 +226,89 @@ def test_a_directory_is_the_data_files_in_it_when_the_run_starts(tmp_path):
     assert build(cfg, tmp_path).counts.train + build(cfg, tmp_path).counts.eval == 12
     write_squad(incoming / "c.json", good_articles(13)[10:])  # and is edited in place
     assert load_squad.load_squad.key(run_of(cfg, tmp_path)) not in (key, added)
+
+
+def folder_config(incoming, **data) -> PipelineConfig:
+    """A config whose training data is a watched folder, as the retrain preset's."""
+    model = {"name_or_path": None, "tokenizer": str(TOKENIZER_DIR), "random_init": {}}
+    return PipelineConfig(data=DataConfig(hub_dataset=None, train_files=[str(incoming)],
+                                          heldout_fraction=0.2, **data), model=model)
+
+
+def test_the_data_stage_reads_exactly_the_bytes_its_key_hashed(tmp_path):
+    """A file still being written when the run computed its key: the stage stops with a line
+    saying so rather than train on other bytes than the key names (and caches nothing)."""
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    path = write_squad(incoming / "batch.json", good_articles(10)[:5])
+    run = Run(config=folder_config(incoming), state_dir=str(tmp_path / "state"))
+    identity = load_squad.source_identity(run.config.data)
+    key = load_squad.load_squad.spec.key(run, {}, identity)
+    write_squad(path, good_articles(10))  # the rest of the file arrives
+    with pytest.raises(DataError) as err:
+        load_squad.load_squad.task.fn(run, key=key, identity=identity)
+    assert f"{path} changed after this run hashed it" in str(err.value)
+    assert load_squad.load_squad.spec.finished(run.state_dir, key) is None
+    assert build(run.config.data, tmp_path / "state").counts.train == 8, "a new run reads it"
+
+
+def set_age(path, seconds_ago: float) -> None:
+    import os
+    import time
+
+    stamp = time.time() - seconds_ago
+    os.utime(path, (stamp, stamp))
+
+
+def test_the_newest_file_of_a_watched_folder_must_hold_no_bad_record(tmp_path, caplog):
+    """One bad record in 120 is under the 1% limit, which loosens as the folder grows: in the
+    newest file it refuses the run (before anything starts), naming the file, the record and
+    what to do; in an older file the run goes on without it and says so per file."""
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    write_squad(incoming / "a.json", good_articles(119))
+    bad = good_articles(121)[119:]
+    bad[1]["paragraphs"][0]["qas"][0]["answers"][0]["text"] = "Rome"
+    write_squad(incoming / "b.json", bad)
+    set_age(incoming / "a.json", 60)
+    config = folder_config(incoming)
+    with pytest.raises(InputError) as err:
+        preflight(config)
+    message = str(err.value)
+    assert "b.json: 1 of 2 records are malformed (b.json id 'q120': answer not in context" in (
+        message)
+    assert f"newest file of the watched folder {incoming}" in message
+    assert f"copy the file in again, or move it out of {incoming}" in message
+    assert "/path/to/" not in message and "\n" not in message
+    with pytest.raises(DataError, match="newest file of the watched folder"):
+        build(config.data, tmp_path / "state")
+
+    set_age(incoming / "b.json", 120)  # a newer, clean file arrives after it
+    write_squad(incoming / "c.json", good_articles(130)[121:])
+    preflight(config)
+    with caplog.at_level("WARNING", logger="tasks.load_squad"):
+        squad = build(config.data, tmp_path / "state")
+    assert {f.file: (f.records, f.rejected) for f in squad.data_files} == {
+        "a.json": (119, 0), "b.json": (2, 1), "c.json": (9, 0)}
+    assert ("1 malformed record left out, under data.max_bad_fraction=0.01 (b.json: 1; e.g. "
+            "b.json id 'q120': answer not in context") in caplog.text
+    assert left_out(squad) == "1 malformed record (b.json: 1)", "as the run summary says it"
+    assert f"{squad.dir / 'rejected.jsonl'} lists them" in caplog.text
+
+
+def test_a_duplicate_file_in_a_folder_names_both_files(tmp_path):
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    write_squad(incoming / "a.json", good_articles(10))
+    (incoming / "a-copy.json").write_bytes((incoming / "a.json").read_bytes())
+    with pytest.raises(InputError) as err:
+        preflight(folder_config(incoming))
+    assert (f"{incoming / 'a.json'} has the same bytes as {incoming / 'a-copy.json'}: the same "
+            f"questions twice (every id a duplicate); remove one of them from {incoming}") in (
+                str(err.value))
+    # Other bytes, some of the same ids: each duplicate names the file that had it first.
+    write_squad(incoming / "a-copy.json", good_articles(10)[:3] + good_articles(200)[100:])
+    with pytest.raises(InputError) as err:
+        preflight(folder_config(incoming))
+    assert "a.json id 'q0': duplicate id: also in a-copy.json" in str(err.value)
+    assert f"move the files that hold them out of {incoming} (a.json: 3)" in str(err.value)

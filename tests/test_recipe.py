@@ -1,6 +1,7 @@
 """The seed recipe's own settings through the real Trainer, and config -> TrainingArguments."""
 
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ MAPPED = {
     "weight_decay": (0.1, "weight_decay", 0.1),
     "max_grad_norm": (0.5, "max_grad_norm", 0.5),
     "optim": ("adamw_8bit", "optim", "adamw_8bit"),
-    "gradient_checkpointing": (True, "gradient_checkpointing", True),
+    "gradient_checkpointing": (True, "activation_checkpointing", True),  # transformers 5's name
     "bf16": (True, "bf16", True),
     "fp16": (False, "fp16", False),
     "train_sampling_strategy": ("random", "train_sampling_strategy", "random"),
@@ -47,8 +48,11 @@ def test_training_arguments_carry_every_training_field(tmp_path):
     assert TrainingConfig.data_shaping == DATA_SHAPING
     cfg = TrainingConfig(**{name: value for name, (value, _, _) in MAPPED.items()})
     # Every field but the launch-only ones goes to TrainingArguments, under its own name.
-    assert set(cfg.trainer_kwargs()) == set(MAPPED)
-    args = training_arguments(cfg.trainer_kwargs(), tmp_path, "cpu", distributed=False)
+    assert set(cfg.trainer_kwargs()) == {TrainingConfig.renamed.get(n, n) for n in MAPPED}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = training_arguments(cfg.trainer_kwargs(), tmp_path, "cpu", distributed=False)
+    assert not [str(w.message) for w in caught if "deprecated" in str(w.message)]
     assert isinstance(args, TrainingArguments)
     for name, (_, attribute, expected) in MAPPED.items():
         actual = getattr(args, attribute)
@@ -109,14 +113,18 @@ def test_the_recipe_as_written_trains_through_the_trainer_on_cpu(small_squad_fil
     assert q.bnb_4bit_compute_dtype == "float16" and not q.bnb_4bit_use_double_quant
     assert config.lora.lora_dropout == 0.05 and config.lora.lora_r == 32
 
-    stages = build_until_lora(config, tmp_path / "state")
     out = tmp_path / "train"
     out.mkdir()
-    job = TrainJob(run=stages["run"], lora=stages["lora"], tokenized=stages["tokenized"],
-                   base=stages["base"])
-    result = train_here(job, out)
+    with warnings.catch_warnings(record=True) as caught:  # pyproject ignores them otherwise
+        warnings.simplefilter("always")
+        stages = build_until_lora(config, tmp_path / "state")
+        job = TrainJob(run=stages["run"], lora=stages["lora"], tokenized=stages["tokenized"],
+                       base=stages["base"])
+        result = train_here(job, out)
     assert result.global_step == 4 and result.device == "cpu"
     assert result.gradient_checkpointing is True
+    deprecated = [str(w.message) for w in caught if "checkpointing" in str(w.message)]
+    assert not deprecated, "transformers' current names, not its deprecated ones"
     # The Trainer's own CPU stand-in for paged_adamw_8bit: bitsandbytes' 8-bit AdamW, not paged.
     assert result.optimizer == "bitsandbytes.optim.adamw.AdamW (8-bit state)"
     # train_here writes into `out`; the stage mechanism would set `path` to it.

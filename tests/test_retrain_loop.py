@@ -14,6 +14,8 @@ import os
 import subprocess
 import sys
 import time
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -28,6 +30,7 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 MODEL = "squadtune-loop"
 HELDOUT, FIRST, SECOND = 40, 41, 42  # dev articles no other test uses
+SENTINEL = "squadtune.test.sentinel"
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +67,10 @@ def loop(tmp_path_factory):
         httpx.patch(f"{ctx['api']}/deployments/{deployment['id']}",
                     json={"parameters": {"config": config}}).raise_for_status()
         ctx["deployment"] = deployment["id"]
+        post(ctx, "automations/", {
+            "name": "squadtune test sentinel", "actions": [{"type": "do-nothing"}],
+            "trigger": {"type": "event", "posture": "Reactive", "threshold": 1, "within": 0,
+                        "match": {"prefect.resource.id": SENTINEL}, "expect": [SENTINEL]}})
         # The watcher rereads the deployment every 2 s: it follows the edited form.
         wait_for(lambda: str(incoming) in watcher_log(ctx), 120, "the watcher follows incoming/")
         yield ctx
@@ -121,6 +128,35 @@ def finished(ctx, flow: str, count: int, seconds: float = 600) -> dict:
 def events(ctx, name: str) -> list[dict]:
     found = post(ctx, "events/filter", {"filter": {"event": {"name": [name]}}, "limit": 50})
     return found["events"]
+
+
+def related_ids(event: dict, role: str) -> set[str]:
+    return {r["prefect.resource.id"] for r in event["related"]
+            if r.get("prefect.resource.role") == role}
+
+
+def automations_settled(ctx) -> None:
+    """Wait until Prefect's automations have evaluated every event so far and finished every
+    action they fired, so that any run a trigger would create exists: a sentinel event, sent
+    after the others, is evaluated after them (an automation of this test answers it), then
+    each firing's action must have executed or failed."""
+    sentinel = str(uuid.uuid4())
+    httpx.post(f"{ctx['api']}/events", timeout=30, json=[{
+        "id": sentinel, "occurred": datetime.now(UTC).isoformat(), "event": SENTINEL,
+        "resource": {"prefect.resource.id": SENTINEL}}]).raise_for_status()
+    wait_for(lambda: any(f"prefect.event.{sentinel}" in related_ids(e, "triggering-event")
+                         for e in events(ctx, "prefect.automation.triggered")),
+             120, "the automations to evaluate the events before the sentinel")
+
+    def actions_done() -> bool:
+        ended = set()
+        for name in ("prefect.automation.action.executed", "prefect.automation.action.failed"):
+            for e in events(ctx, name):
+                ended |= related_ids(e, "automation-triggered-event")
+        return all(f"prefect.event.{e['id']}" in ended
+                   for e in events(ctx, "prefect.automation.triggered"))
+
+    wait_for(actions_done, 120, "every action the automations fired to end")
 
 
 def drop(ctx, name: str, doc: dict) -> None:
@@ -184,13 +220,18 @@ def test_new_data_starts_one_run_and_the_gate_stages_its_version(loop):
     assert len({e["resource"]["squadtune.data.key"] for e in changed}) == 1, "of one data key"
     assert not events(loop, "squadtune.data.unchanged")
     wait_for(lambda: runs_of(loop, "finetune"), 60, "the trigger to create a run")
-    time.sleep(10)  # time enough for a second run to be created, if one were
+    automations_settled(loop)  # a second run, were the trigger to start one, exists now
     assert len(runs_of(loop, "finetune")) == 1, "the same data announced three times: one run"
     set_pool_paused(loop, False)
 
     run = finished(loop, "finetune", 1)
     assert run["state_type"] == "COMPLETED", run["state"]["message"]
     assert run["created_by"]["type"] == "AUTOMATION"
+    # Named by its data: the key the watcher announced.
+    key = changed[0]["resource"]["squadtune.data.key"]
+    assert run["name"].endswith(f"-data-{key[:8]}"), run["name"]
+    worker = (loop["state"] / "servers" / "worker-local.log").read_text()
+    assert "is deprecated" not in worker, "no deprecated transformers names in a run"
 
     assert aliases(loop) == {"candidate": 1, "staging": 1, "production": None}
     tags = client(loop).get_model_version(MODEL, "1").tags
@@ -234,7 +275,7 @@ def test_the_same_data_again_starts_nothing(loop):
     path.write_text(path.read_text())  # rewritten, same bytes
     wait_for(lambda: len(events(loop, "squadtune.data.unchanged")) > before, 120,
              "the watcher to announce the data as seen")
-    time.sleep(10)
+    automations_settled(loop)  # a run, were any automation to start one, exists now
     assert len(runs_of(loop, "finetune")) == 1
 
 
@@ -242,6 +283,7 @@ def test_a_second_version_is_staged_and_a_rejection_leaves_production(loop):
     drop(loop, "batch-2.json", sample(loop["dev"], 16, SECOND))
     run = finished(loop, "finetune", 2)
     assert run["state_type"] == "COMPLETED", run["state"]["message"]
+    assert run["name"] != runs_of(loop, "finetune")[0]["name"], "other data, another name"
     tags = client(loop).get_model_version(MODEL, "2").tags
     # Both versions are compared on the same 8 held-out questions, question by question.
     summary = tags["squadtune.gate.staging.summary"]
@@ -268,7 +310,10 @@ def test_a_malformed_file_fails_its_run_with_the_reason_and_moves_nothing(loop):
     drop(loop, "batch-3.json", bad)
     run = finished(loop, "finetune", 3)
     assert run["state_type"] == "FAILED"
-    assert "answer not in context" in run["state"]["message"], run["state"]["message"]
-    assert qa["id"] in run["state"]["message"]
+    message = run["state"]["message"]
+    assert "answer not in context" in message and qa["id"] in message, message
+    # What to do with the file in the folder, not a command-line override.
+    assert "batch-3.json: 1 of 1 records are malformed" in message, message
+    assert f"or move it out of {loop['incoming']}" in message and "/path/to/" not in message
     assert aliases(loop) == {"candidate": 2, "staging": 2, "production": 1}
     assert len(client(loop).search_model_versions(f"name = '{MODEL}'")) == 2
