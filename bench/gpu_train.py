@@ -28,7 +28,9 @@ RECIPE = ROOT / "pipeline_config" / "gpt2_squad_qlora.yaml"
 # saving, the order). tests/test_gpu_check.py holds them equal to `TrainingConfig.trainer_kwargs`.
 TRAINER_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
                 "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "optim",
-                "gradient_checkpointing", "bf16", "fp16", "seed")
+                "activation_checkpointing", "bf16", "fp16", "seed")
+# The config's user-facing names that reach `TrainingArguments` under transformers' current ones.
+RENAMED = {"gradient_checkpointing": "activation_checkpointing"}
 # `TrainingConfig`'s defaults for the keys the recipe YAML leaves out (the test holds them equal).
 DEFAULTS = {"weight_decay": 0.0, "max_grad_norm": 1.0, "bf16": False, "fp16": False, "seed": 42}
 BF16 = {"bf16": True, "fp16": False, "optim": "adamw_torch"}
@@ -53,7 +55,7 @@ def recipe() -> dict[str, Any]:
 
 def trainer_kwargs(settings: dict[str, Any], **overrides: Any) -> dict[str, Any]:
     """The recipe's step-shaping `TrainingArguments`, with `overrides` applied."""
-    training = {**DEFAULTS, **settings["training"]}
+    training = {RENAMED.get(k, k): v for k, v in {**DEFAULTS, **settings["training"]}.items()}
     return {**{k: training[k] for k in TRAINER_KEYS if k in training}, **overrides}
 
 
@@ -258,7 +260,7 @@ def run_variant(name: str, job: dict, seconds: float) -> dict[str, Any]:
         trainer=kind, quantized=quantized, new_token_rows_trained=new_tokens,
         precision="fp16" if kwargs.get("fp16") else "bf16" if kwargs.get("bf16") else "fp32",
         optimizer=describe_optimizer(getattr(trainer.optimizer, "optimizer", trainer.optimizer)),
-        gradient_checkpointing=bool(model.is_gradient_checkpointing),
+        gradient_checkpointing=bool(model.is_activation_checkpointing),
         examples_per_step=per_step, mean_row_tokens=round(mean_tokens, 1),
         train_loss=round(output.training_loss, 4), model_tflops_per_s=round(flops / 1e12, 3),
         mfu=round(flops / peak, 4) if peak else None,
