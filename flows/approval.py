@@ -111,8 +111,9 @@ def decide(model_name: str, version: int, answer: dict[str, str],
         if decision != "reject":
             raise ValueError(f"unknown decision {decision!r}")
         record(model_name, version, answer)
-        back = registry.withdraw(model_name, "staging", version,
-                                 f"v{version} rejected for @{ALIAS} by {reviewer}: {why}")
+        with registry.acting_for(reviewer):
+            back = registry.withdraw(model_name, "staging", version,
+                                     f"v{version} rejected for @{ALIAS} by {reviewer}: {why}")
         cancelled = follow([back] if back else [])
     staging = (f"@staging is v{back.version} again" if back and back.version
                else "nobody holds @staging" if back else "@staging had moved on already")
