@@ -164,10 +164,12 @@ def version_exists(done: Registration) -> str | None:
     client = mlflow.MlflowClient()
     try:
         mv = client.get_model_version(done.model_name, str(done.version))
-        # The logged model carries the key (a version an older squadtune registered, too).
+        # The logged model carries the key (a version an older squadtune registered, too);
+        # the version names it in its `models:/m-...` source (its model_id may be empty).
+        logged = mv.model_id or mv.source.removeprefix("models:/")
         key = mv.tags.get("squadtune.adapter_key") or (
-            client.get_logged_model(mv.model_id).tags.get("squadtune.adapter_key")
-            if mv.model_id else None)
+            client.get_logged_model(logged).tags.get("squadtune.adapter_key")
+            if logged.startswith("m-") else None)
     except Exception:
         return f"{done.model_name} version {done.version} is gone from the registry"
     if key != done.adapter_key:

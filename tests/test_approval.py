@@ -44,12 +44,13 @@ def decision_of(client, version: int) -> str | None:
     return client.get_model_version(NAME, str(version)).tags.get(DECISION)
 
 
-def prefect_events(name: str, version: int, seconds: float = 20) -> list:
-    """The Prefect events `name` about version `version` (they are persisted asynchronously)."""
+def prefect_events(name: str, version: int, seconds: float = 20, model: str = NAME) -> list:
+    """The Prefect events `name` about `model` version `version`, waiting up to `seconds` for
+    the first (the server persists events asynchronously)."""
     from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
-    resource = f"mlflow.model-version.{NAME}.v{version}"
+    resource = f"mlflow.model-version.{model}.v{version}"
     query = EventFilter(event=EventNameFilter(name=[name]),
                         resource=EventResourceFilter(id=[resource]))
     deadline = time.time() + seconds

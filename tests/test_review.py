@@ -143,3 +143,32 @@ def test_the_verdict_a_reviewer_reads_names_versions_golds_and_training_question
     assert rows[0] == {"question": "question 0?", "gold": "gold 0 | other gold 0",
                        "v2 answer": "v2 answer 0",
                        "v2 F1": 100.0, "v1 answer": "v1 answer 0", "v1 F1": 0.0, "id": "q0"}
+
+
+@pytest.mark.filterwarnings("ignore:Logger 'prefect.task_runs' attempted to send")
+def test_the_gate_task_compares_only_when_auto_promote_is_null(store, tiny_config,
+                                                              prefect_harness):
+    """`gate_candidate` as a flow runs it: with `registry.auto_promote: null` a version that
+    passes stays where it is and nothing is announced; with `staging` it moves."""
+    from tasks.gate import gate_candidate
+    from tasks.outputs import Registration
+    from tasks.stage import Run
+
+    def gate(version: int, auto_promote: str | None) -> dict:
+        registry_config = tiny_config.registry.model_copy(
+            update={"model_name": NAME, "auto_promote": auto_promote})
+        run = Run(config=tiny_config.model_copy(update={"registry": registry_config}),
+                  state_dir=tiny_config.tracking.state_dir)
+        registered = Registration(model_name=NAME, version=version, alias="candidate",
+                                  model_uri=f"models:/{NAME}/{version}", logged_model_uri="",
+                                  run_id="", adapter_key="")
+        return gate_candidate(run, registered)
+
+    review.judge(NAME, 1, "staging", Gate(), move=True)
+    compared = gate(2, None)
+    assert (compared["outcome"], compared["moved"], compared["better"]) == ("passed", False, 2)
+    assert holders(store) == (1, None), "null: the gate compares, nothing moves"
+    assert [h["action"] for h in registry.read_history(NAME)] == ["promote"]
+    moved = gate(2, "staging")
+    assert (moved["outcome"], moved["moved"]) == ("passed", True)
+    assert holders(store) == (2, None)
