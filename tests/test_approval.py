@@ -248,3 +248,61 @@ def test_moving_staging_cancels_the_requests_it_made_stale(store):
             for run in (stale, current):
                 if run is not None and state_of(run).is_paused():
                     client.set_flow_run_state(run.id, Cancelled(), force=True)
+
+
+def test_the_expiry_window_is_the_requests_timeout_in_prefect_yaml():
+    """The `expire` automation fires after the window it states, the approve deployment's
+    request waits `timeout_hours`: one duration, said twice, must agree."""
+    import inspect
+
+    import yaml
+
+    from flows.approval import approve
+    from tests.conftest import ROOT
+
+    deployments = {d["name"]: d for d in yaml.safe_load(
+        (ROOT / "deployments" / "prefect.yaml").read_text())["deployments"]}
+    hours = deployments["approve"]["parameters"]["timeout_hours"]
+    assert hours == inspect.signature(approve.fn).parameters["timeout_hours"].default
+    (trigger,) = deployments["expire"]["triggers"]
+    assert (trigger["posture"], trigger["after"], trigger["within"]) == (
+        "Proactive", ["prefect.flow-run.Suspended"], hours * 3600)
+    assert "prefect.flow-run.Resuming" in trigger["expect"]
+    assert trigger["match_related"]["prefect.resource.name"] == "approve"
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_expire_records_only_a_request_that_ran_out_unanswered(store):
+    import datetime
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled, Scheduled, Suspended
+
+    from flows.approval import approve
+    from flows.expire import expire_request
+
+    staged(1)
+    now = datetime.datetime.now(datetime.UTC)
+    with get_client(sync_client=True) as client:
+        def request(state):
+            return client.create_flow_run(approve, state=state, parameters={
+                "model_name": NAME, "version": 1, "timeout_hours": 0.5})
+        answered = request(Scheduled(name="Resuming"))
+        waiting = request(Suspended(pause_expiration_time=now + datetime.timedelta(hours=1)))
+        ran_out = request(Suspended(pause_expiration_time=now - datetime.timedelta(seconds=1)))
+        try:
+            assert expire_request(str(answered.id)).startswith("not expired: ")
+            assert expire_request(str(waiting.id)).startswith("not yet: ")
+            assert decision_of(store, 1) is None, "nothing recorded for either"
+            outcome = expire_request(str(ran_out.id))
+            assert outcome.endswith("expired: no answer within 0.5 h; the aliases are unchanged")
+            state = client.read_flow_run(ran_out.id).state
+            assert (state.type.value, state.name) == ("FAILED", "Expired")
+            assert decision_of(store, 1) == "expired"
+            assert rows("action", "version", "actor")[-1] == ("expire", 1, "nobody")
+            assert expire_request(str(ran_out.id)).endswith("recorded already"), "once"
+            assert [r[0] for r in rows("action")].count("expire") == 1
+            assert holders(store) == (1, None)
+        finally:
+            for run in (answered, waiting):
+                client.set_flow_run_state(run.id, Cancelled(), force=True)

@@ -98,7 +98,7 @@ def test_each_preset_is_a_deployment_whose_form_defaults_are_its_yaml(deployed):
     deployments = {d["name"]: d for d in api(deployed, "deployments/filter", {})}
     assert set(deployments) == {
         "finetune-demo", "finetune-gpt2-qlora", "finetune-retrain", "check-hub-data",
-        "approve", "train-gpu", "promote", "rollback",
+        "approve", "expire", "train-gpu", "promote", "rollback",
     }
     demo, recipe = deployments["finetune-demo"], deployments["finetune-gpt2-qlora"]
     retrain = deployments["finetune-retrain"]
@@ -126,6 +126,12 @@ def test_each_preset_is_a_deployment_whose_form_defaults_are_its_yaml(deployed):
     (action,) = approval["actions"]
     assert action["deployment_id"] == deployments["approve"]["id"]
     assert set(action["parameters"]) == {"model_name", "version"}
+    # An approval nobody answers: a proactive trigger whose window is the request's timeout.
+    expiry = automations["record an approval nobody answered"]
+    assert expiry["trigger"]["posture"] == "Proactive"
+    assert expiry["trigger"]["within"] == deployments["approve"]["parameters"][
+        "timeout_hours"] * 3600
+    assert expiry["actions"][0]["deployment_id"] == deployments["expire"]["id"]
     schema = demo["parameter_openapi_schema"]
     assert "config" in schema["properties"], "the run form is the typed PipelineConfig"
     assert "TrainingConfig" in json.dumps(schema["definitions"])

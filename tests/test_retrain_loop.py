@@ -223,9 +223,10 @@ def test_a_person_approves_production_across_a_server_restart(loop):
              "the approval run to complete")
     assert aliases(loop) == {"candidate": 1, "staging": 1, "production": 1}
     assert history(loop)[-2:] == [("approve", "production", 1), ("promote", "production", 1)]
-    tags = client(loop).get_model_version(MODEL, "1").tags
-    assert (tags["squadtune.approval.production.decision"],
-            tags["squadtune.approval.production.by"]) == ("approved", "alice")
+    version = client(loop).get_model_version(MODEL, "1")
+    assert version.tags["squadtune.approval.production.decision"] == "approved"
+    assert client(loop).get_run(version.run_id).data.tags[
+        "squadtune.approval.production.by"] == "alice"
 
 
 def test_the_same_data_again_starts_nothing(loop):
@@ -242,7 +243,8 @@ def test_a_second_version_is_staged_and_a_rejection_leaves_production(loop):
     drop(loop, "batch-2.json", sample(loop["dev"], 16, SECOND))
     run = finished(loop, "finetune", 2)
     assert run["state_type"] == "COMPLETED", run["state"]["message"]
-    tags = client(loop).get_model_version(MODEL, "2").tags
+    version = client(loop).get_model_version(MODEL, "2")
+    tags = {**client(loop).get_run(version.run_id).data.tags, **version.tags}
     # Both versions are compared on the same 8 held-out questions, question by question.
     summary = tags["squadtune.gate.staging.summary"]
     assert "against @staging v1" in summary and "on 8 questions" in summary, summary
@@ -254,8 +256,9 @@ def test_a_second_version_is_staged_and_a_rejection_leaves_production(loop):
     resume(loop, request["id"], decision="reject", reviewer="bob", reason="wait for more data")
     wait_for(lambda: get(loop, f"flow_runs/{request['id']}")["state_name"] == "Rejected", 180,
              "the rejected request to end")
-    assert aliases(loop) == {"candidate": 2, "staging": 2, "production": 1}
-    assert history(loop)[-1] == ("reject", "production", 2)
+    # A refused version gives @staging back to the version that held it before.
+    assert aliases(loop) == {"candidate": 2, "staging": 1, "production": 1}
+    assert history(loop)[-2:] == [("reject", "production", 2), ("rollback", "staging", 1)]
     assert client(loop).get_model_version(MODEL, "2").tags[
         "squadtune.approval.production.decision"] == "rejected"
 
@@ -270,5 +273,5 @@ def test_a_malformed_file_fails_its_run_with_the_reason_and_moves_nothing(loop):
     assert run["state_type"] == "FAILED"
     assert "answer not in context" in run["state"]["message"], run["state"]["message"]
     assert qa["id"] in run["state"]["message"]
-    assert aliases(loop) == {"candidate": 2, "staging": 2, "production": 1}
+    assert aliases(loop) == {"candidate": 2, "staging": 1, "production": 1}
     assert len(client(loop).search_model_versions(f"name = '{MODEL}'")) == 2
