@@ -104,7 +104,10 @@ def decide(model_name: str, version: int, answer: dict[str, str],
     decision, reviewer, why = answer["decision"], answer["reviewer"], answer["reason"]
     print(f"{reviewer} decided to {decision} v{version} for @{ALIAS}: \"{why}\"")
     with registry_lock():
-        follow(registry.reconcile(model_name))
+        found = registry.reconcile(model_name)
+        follow(found)
+        for move in found:
+            print(f"warning: {move.reason}; recorded as an out-of-band move")
         if decision == "approve":
             return approve_version(model_name, version, answer,
                                    production_gate(model_name, version, gate))

@@ -3,10 +3,10 @@ on the version, and a person's decision on it, recorded in the model's history.
 
 After every run `judge` compares the new version with the holder of `@staging` on the same
 questions (the paired bootstrap of `squadtune.gate`), tags the verdict on the version
-(`squadtune.gate.staging.verdict`; the summary goes to its run) and, when asked to and the gate
+(`gate.staging`; the summary goes to its run) and, when asked to and the gate
 passes, promotes it. A person's approval or rejection for `@production` (or its expiry, or its
-cancellation when the version was superseded) is `record_decision`: the tag
-`squadtune.approval.production.decision`, the details on the version's run, and a row of the
+cancellation when the version was superseded) is `record_decision`: the version's tag
+`approval`, the details on its run, and a row of the
 promotion history. No Prefect here: the callers hold the registry's concurrency slot.
 """
 
@@ -25,6 +25,7 @@ Outcome = Literal["passed", "refused", "holds"]
 Decision = Literal["approve", "reject", "expire", "not-applied", "cancel"]
 DECIDED = {"approve": "approved", "reject": "rejected", "expire": "expired",
            "not-applied": "not applied", "cancel": "cancelled"}
+APPROVAL_TAG = "approval"  # on the version: waiting, not asked, or what was DECIDED
 
 
 @dataclass
@@ -54,11 +55,13 @@ class Verdict:
     moves: list[registry.Event] = field(default_factory=list, repr=False)
 
     def tags(self) -> tuple[dict[str, str], dict[str, str]]:
-        """The version's one tag (the verdict: searchable, and one short column in the
-        registry's version list), and its run's: the one-line summary with the interval and
-        the question counts, and when."""
+        """The version's one tag, short enough for the registry's version list (the @staging
+        verdict; against @production, whether a person is asked), and its run's: the verdict,
+        the one-line summary with the interval and the question counts, and when."""
         prefix = f"squadtune.gate.{self.alias}."
-        return ({prefix + "verdict": self.outcome},
+        on_version = {f"gate.{self.alias}": self.outcome} if self.alias != "production" else {
+            APPROVAL_TAG: "waiting" if self.outcome == "passed" else "not asked"}
+        return (on_version,
                 {prefix + "verdict": self.outcome, prefix + "summary": self.reason[:5000],
                  prefix + "at": registry.utc_now()})
 
@@ -158,7 +161,7 @@ def record_decision(name: str, version: int, alias: str, answer: dict[str, str],
     )
     registry.append(event)
     prefix = f"squadtune.approval.{alias}."
-    c.set_model_version_tag(name, str(version), prefix + "decision", DECIDED[decision])
+    c.set_model_version_tag(name, str(version), APPROVAL_TAG, DECIDED[decision])
     details = {"decision": DECIDED[decision], "by": event.actor, "reason": reason[:5000],
                "at": event.time}
     if flow_run_id:

@@ -177,14 +177,15 @@ def version_exists(done: Registration) -> str | None:
     return None
 
 
-# What a person scans in the registry's version list: the score and the data it learned from.
-# The gate adds its verdict and an approval its decision; everything else about a version is on
-# its run (tags, and the description written from them).
-VERSION_TAGS = ("eval.f1", "squadtune.data_key")
+# What a person scans in the registry's version list, under keys short enough that the list's
+# narrow tags column shows their values: the score and the data it learned from (the gate adds
+# `gate.staging`, an approval `approval`). Everything else about a version is on its run (tags,
+# and the description written from them).
+VERSION_TAGS = {"eval.f1": "eval.f1", "data.key": "squadtune.data_key"}
 
 
 def version_tags(lineage: dict[str, str]) -> dict[str, str]:
-    return {key: lineage[key] for key in VERSION_TAGS}
+    return {key: lineage[source] for key, source in VERSION_TAGS.items()}
 
 
 def lineage_tags(run: Run, scores: EvalResult, baseline: EvalResult, tokenized: Tokenized,

@@ -139,7 +139,7 @@ def history(ctx) -> list[tuple]:
 
 def decision(ctx, version: int) -> str | None:
     tags = client(ctx).get_model_version(MODEL, str(version)).tags
-    return tags.get("squadtune.approval.production.decision")
+    return tags.get("approval")
 
 
 def events(ctx, name: str) -> list[dict]:

@@ -54,10 +54,10 @@ def test_flow_registers_a_candidate_with_lineage_and_a_complete_mlflow_run(first
     assert int(version.version) == summary["model_version"]
     assert version.run_id == summary["mlflow_run_id"]
     # The version's tags are what a person scans in the version list; its lineage is on its run.
-    assert set(version.tags) == {"eval.f1", "squadtune.data_key", "squadtune.gate.staging.verdict"}
+    assert set(version.tags) == {"eval.f1", "data.key", "gate.staging"}
     assert float(version.tags["eval.f1"]) == pytest.approx(summary["f1"], abs=0.01)
     tags = client.get_run(version.run_id).data.tags
-    assert tags["squadtune.data_key"] == version.tags["squadtune.data_key"]
+    assert tags["squadtune.data_key"] == version.tags["data.key"]
     assert tags["squadtune.config_hash"] == config.fingerprint()
     assert tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
     assert float(tags["eval.baseline_f1"]) == pytest.approx(summary["baseline_f1"], abs=0.01)
@@ -107,8 +107,7 @@ def test_flow_registers_a_candidate_with_lineage_and_a_complete_mlflow_run(first
     assert (gate["outcome"], gate["moved"], gate["against"]) == ("passed", True, None)
     staged = client.get_model_version_by_alias(MODEL, "staging")
     assert staged.version == version.version
-    assert client.get_model_version(MODEL, version.version).tags[
-        "squadtune.gate.staging.verdict"] == "passed"
+    assert client.get_model_version(MODEL, version.version).tags["gate.staging"] == "passed"
     assert "against @staging: passed, now @staging" in flow_artifacts(state)["gate"].data
 
 

@@ -64,7 +64,7 @@ def test_the_gate_in_the_flow_refuses_a_worse_version_and_only_compares_when_ask
     assert f"@staging version {learned['model_version']} has F1 100.00" in verdict["reason"]
     assert aliases() == (learned["model_version"], None), "@staging did not move"
     tags = client.get_model_version(MODEL, str(untrained["model_version"])).tags
-    assert tags["squadtune.gate.staging.verdict"] == "refused"
+    assert tags["gate.staging"] == "refused"
     staged = prefect_events("squadtune.model.staged", learned["model_version"], model=MODEL)
     assert len(staged) == 1, "the move to @staging is announced once"
     assert not prefect_events("squadtune.model.staged", untrained["model_version"], model=MODEL,

@@ -194,7 +194,7 @@ def test_new_data_starts_one_run_and_the_gate_stages_its_version(loop):
 
     assert aliases(loop) == {"candidate": 1, "staging": 1, "production": None}
     tags = client(loop).get_model_version(MODEL, "1").tags
-    assert tags["squadtune.gate.staging.verdict"] == "passed"
+    assert tags["gate.staging"] == "passed"
     artifacts = post(loop, "artifacts/filter",
                      {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
     gate = next(a for a in artifacts if a["key"] == "gate")
@@ -224,7 +224,7 @@ def test_a_person_approves_production_across_a_server_restart(loop):
     assert aliases(loop) == {"candidate": 1, "staging": 1, "production": 1}
     assert history(loop)[-2:] == [("approve", "production", 1), ("promote", "production", 1)]
     version = client(loop).get_model_version(MODEL, "1")
-    assert version.tags["squadtune.approval.production.decision"] == "approved"
+    assert version.tags["approval"] == "approved"
     assert client(loop).get_run(version.run_id).data.tags[
         "squadtune.approval.production.by"] == "alice"
 
@@ -259,8 +259,7 @@ def test_a_second_version_is_staged_and_a_rejection_leaves_production(loop):
     # A refused version gives @staging back to the version that held it before.
     assert aliases(loop) == {"candidate": 2, "staging": 1, "production": 1}
     assert history(loop)[-2:] == [("reject", "production", 2), ("rollback", "staging", 1)]
-    assert client(loop).get_model_version(MODEL, "2").tags[
-        "squadtune.approval.production.decision"] == "rejected"
+    assert client(loop).get_model_version(MODEL, "2").tags["approval"] == "rejected"
 
 
 def test_a_malformed_file_fails_its_run_with_the_reason_and_moves_nothing(loop):
