@@ -109,7 +109,8 @@ def test_first_promotion_sets_the_alias_and_a_history_row_of_integers(store, tmp
     rows = [dict(zip(raw["columns"], row, strict=True)) for row in raw["data"]]
     assert [(r["version"], r["previous_version"], r["better"]) for r in rows] == [
         (1, None, None), (2, 1, 2)], "integers stored as integers, not 1.0"
-    assert all(type(r["version"]) is int for r in rows)
+    assert all(type(r[key]) is int for r in rows for key in ("version", "previous_version",
+                                                              "better") if r[key] is not None)
 
 
 def test_consistent_gain_passes_the_paired_gate_and_lists_the_questions(store):
