@@ -209,7 +209,7 @@ def test_a_person_approves_production_across_a_server_restart(loop):
     request = finished(loop, "approve", 1)
     assert request["state_type"] == "PAUSED", request["state"]
     assert request["name"] == f"approve {MODEL} v1 for @production"
-    assert request["parameters"] == {"model_name": MODEL, "version": 1}
+    assert request["parameters"] == {"model_name": MODEL, "version": 1, "timeout_hours": 72}
     # Prefect's server goes down and comes back while the request waits: it stays resumable.
     services = Services(str(loop["state"]))
     services.stop("prefect-server")
