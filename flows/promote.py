@@ -22,6 +22,7 @@ from squadtune import registry
 from squadtune.gate import Gate, PromotionRefused
 from tasks.gate import questions_table
 from tasks.registry_lock import LIMIT, ensure_limit, registry_lock
+from tasks.registry_moves import follow
 
 
 def holder_text(event: dict) -> str:
@@ -45,10 +46,20 @@ def promote_version(name: str, to: str, version: int | None, gate: Gate, force: 
     """Check the gate and move the alias, holding the registry's one concurrency slot."""
     with registry_lock():
         try:
-            return asdict(registry.promote(name, to, version, gate, force, reason))
+            return applied(registry.promote(name, to, version, gate, force, reason))
         except InputError as exc:  # data, not a failed task: Prefect would log a traceback
             publish_refusal(name, exc)
             return {"refused": str(exc)}
+
+
+def applied(event: registry.Event) -> dict:
+    """Emit the move's event (and those of out-of-band moves found before it), end the approval
+    requests it made stale; the move as a dict, with a warning per out-of-band move."""
+    cancelled = follow([*event.out_of_band, event])
+    found = [e.reason for e in event.out_of_band]
+    for line in found:
+        print(f"warning: {line}")
+    return {**asdict(event), "out_of_band": found, "cancelled": cancelled}
 
 
 @task(name="rollback_alias")
@@ -56,7 +67,7 @@ def rollback_alias(name: str, alias: str):
     """Restore the previous holder of the alias, holding the registry's concurrency slot."""
     with registry_lock():
         try:
-            return asdict(registry.rollback(name, alias))
+            return applied(registry.rollback(name, alias))
         except InputError as exc:
             publish_refusal(name, exc)
             return {"refused": str(exc)}
@@ -74,7 +85,10 @@ def publish_history(name: str, event: dict) -> None:
     create_markdown_artifact(
         f"# {name}: version {event['version']} {verb} @{event['alias']}\n\n"
         f"Previous holder: {holder_text(event)}; "
-        f"this version's F1: {event['f1']}. Forced: {event['forced']}. {event['reason']}{gate}",
+        f"this version's F1: {event['f1']}. Forced: {event['forced']}. {event['reason']}{gate}"
+        + "".join(f"\n\n**Warning**: {line}; recorded in the history as an out-of-band move."
+                  for line in event.get("out_of_band", []))
+        + "".join(f"\n\n{line}" for line in event.get("cancelled", [])),
         key="promotion",
     )
     if event.get("changed"):

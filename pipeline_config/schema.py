@@ -151,6 +151,18 @@ class EvaluationConfig(Section):
     not_in_cache_key = frozenset({"during_training"})
 
 
+class RegistryGate(Gate):
+    """After every run, how the new version must beat the @staging holder (these fields); and
+    under `production`, what an approval checks against the @production holder."""
+
+    production: Gate = Field(
+        default_factory=Gate,
+        description="The gate for @production, checked before a person is asked and again when "
+        "the answer comes; its min_f1 is what the first version offered for @production must "
+        "reach, when there is no holder to beat.",
+    )
+
+
 class RegistryConfig(Section):
     """MLflow model registry target of the trained adapter, and the gate a new version meets."""
 
@@ -161,8 +173,8 @@ class RegistryConfig(Section):
         "squadtune-gpt2-qa", min_length=1, description="Registered model name in MLflow."
     )
     alias: str = Field("candidate", min_length=1, description="Alias set on the new version.")
-    gate: Gate = Field(
-        default_factory=Gate,
+    gate: RegistryGate = Field(
+        default_factory=RegistryGate,
         description="After every run, how the new version must beat the @staging holder on the "
         "same questions; its verdict is tagged on the version and published as an artifact.",
     )

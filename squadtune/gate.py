@@ -37,7 +37,16 @@ class Gate(BaseModel):
         description="ci: the lower bound of the paired bootstrap 95% CI of the per-question F1 "
         "difference must reach min_delta; mean: the F1 means must differ by min_delta.",
     )
-    min_delta: float = Field(0.0, description="F1 points (0-100) the version must gain.")
+    min_delta: float = Field(
+        0.0, description="F1 points (0-100) the version must gain over the holder; above 0, a "
+        "tie (same F1, interval 0 to 0) does not pass.")
+    min_f1: float = Field(
+        0.0, ge=0, le=100, description="F1 (0-100) the version must reach, whoever holds the "
+        "alias: what lets the first version in, when there is nobody to beat.")
+
+    def describe(self) -> str:
+        floor = f", min_f1 {self.min_f1:g}" if self.min_f1 else ""
+        return f"{self.rule}, min_delta {self.min_delta:g}{floor}"
 
 
 @dataclass
@@ -61,9 +70,10 @@ class Comparison:
         return len(self.changed) - self.better
 
     def summary(self) -> str:
+        tie = " (a tie: every question scored the same)" if not self.changed else ""
         return (
             f"F1 difference {self.delta:+.2f} (95% CI {self.ci_low:+.2f} to {self.ci_high:+.2f}) "
-            f"on {self.questions} questions; {self.better} better, {self.worse} worse"
+            f"on {self.questions} questions; {self.better} better, {self.worse} worse{tie}"
         )
 
 
@@ -136,19 +146,27 @@ def compare(name: str, version, current) -> Comparison:
 
 
 def check(name: str, version, alias: str, current, gate: Gate) -> Comparison | None:
-    """Raise `PromotionRefused` unless `version` beats the current holder of `alias`."""
+    """Raise `PromotionRefused` unless `version` reaches the gate's F1 floor and beats the
+    current holder of `alias`."""
+    if current is not None and current.version == version.version:
+        raise PromotionRefused(f"{name} version {version.version} already holds @{alias}")
+    ours = f1_of(version)
+    if gate.min_f1 and (ours is None or ours < gate.min_f1):
+        raise PromotionRefused(
+            f"refused: {name} version {version.version} has F1 "
+            f"{'n/a' if ours is None else f'{ours:.2f}'}, below min_f1 {gate.min_f1:g} for "
+            f"@{alias}; train a better version, or use --force and a --reason"
+        )
     if current is None:
         return None
-    if current.version == version.version:
-        raise PromotionRefused(f"{name} version {version.version} already holds @{alias}")
-    ours, theirs = f1_of(version), f1_of(current)
+    theirs = f1_of(current)
     if ours is None or theirs is None:
         missing = version.version if ours is None else current.version
         raise PromotionRefused(
             f"{name} version {missing} has no eval.f1 tag, so the gate cannot compare; "
             "promote with --force and a --reason"
         )
-    ours_set, theirs_set = version.tags.get("eval.set_hash"), current.tags.get("eval.set_hash")
+    ours_set, theirs_set = set_hash_of(version), set_hash_of(current)
     if ours_set != theirs_set:
         raise PromotionRefused(
             f"{name} version {version.version} (F1 {ours:.2f}) and @{alias} version "
@@ -181,3 +199,18 @@ def check(name: str, version, alias: str, current, gate: Gate) -> Comparison | N
 def f1_of(version) -> float | None:
     value = version.tags.get("eval.f1")
     return float(value) if value not in (None, "") else None
+
+
+def set_hash_of(version) -> str | None:
+    """The identity of the questions the version was scored on: a tag of its run (of the
+    version itself, for versions an older squadtune registered)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if found := version.tags.get("eval.set_hash"):
+        return found
+    try:
+        run = mlflow.MlflowClient().get_run(version.run_id) if version.run_id else None
+    except MlflowException:
+        return None
+    return run.data.tags.get("eval.set_hash") if run else None

@@ -1,12 +1,14 @@
 """Promotion through the MLflow model registry: aliases candidate -> staging -> production.
 
 A version moves up only when it beats the current holder on the same eval set (`squadtune.gate`);
-`force` skips the gate and needs a reason. Each promotion and rollback is recorded in the version's
-tags and appended to a history table (an MLflow run per registered model, linked from the
-registered model's `squadtune.history_run_id` tag), with the questions that changed.
+`force` skips the gate and needs a reason. Each move is a row of the model's promotion history
+(`squadtune.history`), with the questions that changed; the version's own tags stay few (its F1,
+data key, verdicts and approval), so the registry's version list stays readable.
 
 The aliases are the only record of who holds what: MLflow's legacy stages are left empty (cleared
-if an older squadtune set them), since one version can hold two aliases but only one stage.
+if an older squadtune set them), since one version can hold two aliases but only one stage. An
+alias moved outside squadtune (MLflow UI's "Promote model" or alias pencil) is found by comparing
+the aliases with the history before every move, and recorded as an out-of-band move.
 Promotions are serialized by the flows in `flows/promote.py` (a Prefect global concurrency limit),
 which every path (CLI, deployment, UI) runs. No Prefect here.
 """
@@ -17,51 +19,20 @@ import contextlib
 import contextvars
 import getpass
 import logging
-import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-import pandas as pd
-
+from squadtune import history
 from squadtune.errors import InputError
-from squadtune.gate import Comparison, Gate, PromotionRefused, check, f1_of
+from squadtune.gate import Comparison, Gate, PromotionRefused, check, f1_of, set_hash_of
+from squadtune.history import Event, append, holders_of, utc_now
 
 log = logging.getLogger(__name__)
 ORDER = ("candidate", "staging", "production")
-HISTORY_FILE = "promotion_history.json"
-HISTORY_EXPERIMENT = "squadtune-registry"
-__all__ = ["Gate", "PromotionRefused", "promote", "rollback", "read_history", "check_request"]
-
-
-@dataclass
-class Event:
-    # Who did what, and why, first: the history table's columns follow this order, and a table
-    # shows its first columns.
-    time: str
-    action: str  # promote | rollback, or a person's approve | reject, or expire (squadtune.review)
-    alias: str
-    version: int
-    actor: str
-    reason: str
-    previous_version: int | None
-    model: str
-    f1: float | None
-    previous_f1: float | None
-    eval_set_hash: str | None
-    forced: bool
-    gate: str = ""  # e.g. "ci, min_delta 0": the rule that let the version through
-    f1_delta: float | None = None
-    ci_low: float | None = None
-    ci_high: float | None = None
-    better: int | None = None
-    worse: int | None = None
-    comparison_table: str | None = None  # the history run's table of the changed questions
-    # Each question whose F1 changed (id, question, both answers and F1s): in the event a user
-    # sees, in the comparison table, not in the one-row-per-event history.
-    changed: list[dict] = field(default_factory=list, repr=False)
-
+HISTORY_FILE, HISTORY_EXPERIMENT = history.FILE, history.EXPERIMENT
+read_history = history.read
+__all__ = ["Gate", "PromotionRefused", "promote", "rollback", "read_history", "check_request",
+           "Event", "holders_of", "utc_now", "reconcile", "withdraw"]
 
 # Who is acting: the user running the command, or the person whose approval a flow applies.
 _acting_for: contextvars.ContextVar[str | None] = contextvars.ContextVar("actor", default=None)
@@ -141,82 +112,38 @@ def clear_legacy_stages(name: str) -> None:
             client().transition_model_version_stage(name, v.version, "Archived")
 
 
-def local_artifacts(experiment: str) -> str | None:
-    """Beside a SQLite store, as the pipeline's experiments are: MLflow's default would be
-    `./mlruns` in whatever directory the command runs from. A server picks its own."""
-    import mlflow
-
-    uri = mlflow.get_tracking_uri()
-    if not uri.startswith("sqlite:///"):
-        return None
-    return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / experiment).as_uri()
-
-
-def history_run_id(name: str, create: bool = True) -> str | None:
-    c = client()
-    run_id = c.get_registered_model(name).tags.get("squadtune.history_run_id")
-    if run_id or not create:
-        return run_id
-    experiment = c.get_experiment_by_name(HISTORY_EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else c.create_experiment(
-        HISTORY_EXPERIMENT, artifact_location=local_artifacts(HISTORY_EXPERIMENT),
-        tags={"mlflow.experimentKind": "custom_model_development"},
+def _move(action: str, name: str, alias: str, new, old, reason: str, **fields) -> Event:
+    """A history row for `alias` passing from `old` to `new` (model versions, or None)."""
+    return Event(
+        time=utc_now(), action=action, model=name, alias=alias,
+        version=int(new.version) if new else None,
+        previous_version=int(old.version) if old else None,
+        f1=f1_of(new) if new else None, previous_f1=f1_of(old) if old else None,
+        eval_set_hash=set_hash_of(new) if new else None, reason=reason, actor=actor(),
+        **{"forced": False, **fields},
     )
-    run_id = c.create_run(experiment_id, run_name=f"promotion history: {name}").info.run_id
-    c.set_registered_model_tag(name, "squadtune.history_run_id", run_id)
-    return run_id
 
 
-def read_history(name: str) -> list[dict]:
-    """Every promotion and rollback of `name`, oldest first."""
-    run_id = history_run_id(name, create=False)
-    if run_id is None:
-        return []
-    c = client()
-    if HISTORY_FILE not in {a.path for a in c.list_artifacts(run_id)}:
-        return []
-    experiment_id = c.get_run(run_id).info.experiment_id
-    table = c.load_table(experiment_id, HISTORY_FILE, run_ids=[run_id])
-    return table.astype(object).where(table.notna(), None).to_dict("records")
-
-
-def record(event: Event, comparison: Comparison | None) -> None:
-    """Append the event to the history table (with its changed questions as a table of their
-    own) and tag the versions it touched."""
-    append_history(event, comparison)
-    c = client()
-    prefix = f"squadtune.{event.action}.{event.alias}"
-    tags = {f"{prefix}.at": event.time, f"{prefix}.by": event.actor}
-    if event.forced:
-        tags[f"{prefix}.forced_reason"] = event.reason
-    if event.previous_version is not None:
-        tags[f"{prefix}.replaced_version"] = str(event.previous_version)
-    for key, value in tags.items():
-        c.set_model_version_tag(event.model, str(event.version), key, value)
-    if event.previous_version is not None:
-        c.set_model_version_tag(
-            event.model, str(event.previous_version), f"squadtune.replaced.{event.alias}.at",
-            event.time,
-        )
-
-
-def append_history(event: Event, comparison: Comparison | None = None) -> None:
-    """The event as one row of the model's promotion history table, and the questions whose F1
-    changed in the comparison behind it as a table of their own."""
-    c = client()
-    run_id = history_run_id(event.model)
-    if comparison is not None:
-        stamp = event.time.replace(":", "").replace("-", "")
-        event.comparison_table = (f"comparisons/{stamp}-{event.alias}-v{event.version}"
-                                  f"-vs-v{event.previous_version}.json")
-        rows = comparison.changed or [{"id": None}]  # an empty table still says "none changed"
-        c.log_table(run_id, data=pd.DataFrame(rows), artifact_file=event.comparison_table)
-    row = {k: v for k, v in asdict(event).items() if k != "changed"}
-    c.log_table(run_id, data=pd.DataFrame([row]), artifact_file=HISTORY_FILE)
-
-
-def utc_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+def reconcile(name: str) -> list[Event]:
+    """Compare @staging and @production with the last history rows: each alias moved outside
+    squadtune (MLflow's UI, its API) is recorded as an out-of-band move, so that what follows
+    builds on the registry as it is, and says so. The caller holds the registry's slot."""
+    rows, found = history.read(name), []
+    for alias in ORDER[1:]:
+        known, current = history.known_holder(rows, alias), holder(name, alias)
+        now = int(current.version) if current else None
+        if now == known:
+            continue
+        was = client().get_model_version(name, str(known)) if known is not None else None
+        event = _move(history.OUT_OF_BAND, name, alias, current, was, (
+            f"@{alias} was moved outside squadtune (the MLflow UI or API) from "
+            f"{'v' + str(known) if known is not None else 'nobody'} to "
+            f"{'v' + str(now) if now is not None else 'nobody'}; no gate checked it"))
+        event.actor = "unknown (outside squadtune)"
+        append(event)
+        log.warning("%s: %s", name, event.reason)
+        found.append(event)
+    return found
 
 
 def _source(name: str, below: str, version: int | None, force: bool):
@@ -228,13 +155,19 @@ def _source(name: str, below: str, version: int | None, force: bool):
     source = client().get_model_version(name, str(version))
     # Every registered version starts as a candidate; production takes only versions that went
     # through staging.
-    staged = below == "candidate" or f"squadtune.promote.{below}.at" in source.tags
+    staged = below == "candidate" or history.ever_held(read_history(name), below, int(version))
     if not staged and not force:
         raise PromotionRefused(
             f"{name} version {version} was never @{below}; promote it to {below} "
             "first, or use --force and a --reason"
         )
     return source
+
+
+def vet(name: str, to: str, version: int | None = None, gate: Gate | None = None):
+    """The version `promote` would move and the gate's comparison, or `PromotionRefused`."""
+    source = _source(name, ORDER[ORDER.index(to) - 1], version, False)
+    return source, check(name, source, to, holder(name, to), gate or Gate())
 
 
 def promote(name: str, to: str, version: int | None = None, gate: Gate | None = None,
@@ -244,62 +177,63 @@ def promote(name: str, to: str, version: int | None = None, gate: Gate | None = 
     check_request(name, to, version)
     if force and not reason.strip():
         raise InputError("--force needs a --reason, which is recorded with the promotion")
+    found = reconcile(name)
     source = _source(name, ORDER[ORDER.index(to) - 1], version, force)
     current = holder(name, to)
     comparison = None if force else check(name, source, to, current, gate)
     client().set_registered_model_alias(name, to, source.version)
     clear_legacy_stages(name)
-    event = Event(
-        time=utc_now(), action="promote", model=name, alias=to, version=int(source.version),
-        previous_version=int(current.version) if current else None, f1=f1_of(source),
-        previous_f1=f1_of(current) if current else None,
-        eval_set_hash=source.tags.get("eval.set_hash"), forced=force, reason=reason,
-        actor=actor(), gate="forced" if force else f"{gate.rule}, min_delta "
-        f"{gate.min_delta:g}",
-    )
+    event = _move("promote", name, to, source, current, reason, forced=force,
+                  gate="forced" if force else gate.describe())
+    event.out_of_band = found
+    _record(event, comparison)
+    log.info("%s version %s is now @%s", name, event.version, to)
+    return event
+
+
+def _record(event: Event, comparison: Comparison | None) -> None:
     if comparison is not None:
         event.f1_delta, event.ci_low, event.ci_high = (
             comparison.delta, comparison.ci_low, comparison.ci_high)
         event.better, event.worse = comparison.better, comparison.worse
         event.changed = comparison.changed
-    record(event, comparison)
-    log.info("%s version %s is now @%s", name, event.version, to)
-    return event
+    append(event, comparison)
 
 
-def holders_of(history: list[dict], alias: str) -> list[int]:
-    """Replay the history: the stack of versions that held `alias`, current one last."""
-    stack: list[int] = []
-    for event in history:
-        if event["alias"] != alias:
-            continue
-        if event["action"] == "promote":
-            stack.append(int(event["version"]))
-        elif event["action"] == "rollback" and stack:
-            stack.pop()
-    return stack
-
-
-def rollback(name: str, alias: str = "production") -> Event:
+def rollback(name: str, alias: str = "production", reason: str = "") -> Event:
     """Give `@alias` back to the version that held it before the current one."""
     check_request(name, alias)
+    found = reconcile(name)
     stack = holders_of(read_history(name), alias)
     current = holder(name, alias)
-    if len(stack) < 2 or current is None or int(current.version) != stack[-1]:
+    if len(stack) < 2 or stack[-2] is None or current is None \
+            or int(current.version) != stack[-1]:
         raise PromotionRefused(
             f"no earlier @{alias} version of {name} to restore (history: {stack or 'empty'})"
         )
     previous = client().get_model_version(name, str(stack[-2]))
     client().set_registered_model_alias(name, alias, previous.version)
     clear_legacy_stages(name)
-    event = Event(
-        time=utc_now(), action="rollback", model=name, alias=alias,
-        version=int(previous.version), previous_version=int(current.version),
-        f1=f1_of(previous), previous_f1=f1_of(current),
-        eval_set_hash=previous.tags.get("eval.set_hash"), forced=False,
-        reason=f"rollback from version {current.version}", actor=actor(),
-    )
-    record(event, None)
+    event = _move("rollback", name, alias, previous, current,
+                  reason or f"rollback from version {current.version}")
+    event.out_of_band = found
+    _record(event, None)
     log.info("%s @%s rolled back from version %s to %s", name, alias, current.version,
              previous.version)
+    return event
+
+
+def withdraw(name: str, alias: str, version: int, reason: str) -> Event | None:
+    """Take `@alias` from `version` (a person refused it): back to the version that held it
+    before, or to nobody; recorded like any move. None when `version` no longer holds it."""
+    current = holder(name, alias)
+    if current is None or int(current.version) != version:
+        return None
+    stack = holders_of(read_history(name), alias)
+    if len(stack) >= 2 and stack[-1] == version and stack[-2] is not None:
+        return rollback(name, alias, reason)
+    client().delete_registered_model_alias(name, alias)
+    event = _move("withdraw", name, alias, None, current, reason)
+    _record(event, None)
+    log.info("%s @%s taken from version %s; nobody holds it", name, alias, version)
     return event

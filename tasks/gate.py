@@ -18,13 +18,14 @@ from squadtune import registry as squadtune_registry
 from squadtune import review
 from tasks.outputs import Registration
 from tasks.registry_lock import registry_lock
+from tasks.registry_moves import follow, version_resource  # noqa: F401 - version_resource: API
 from tasks.report_parts import data_warning
 from tasks.stage import Run
 
 # Every gate reads two predictions tables: MLflow's per-download progress bars would be the bulk
 # of what a promotion or an approval prints.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-STAGED = "squadtune.model.staged"
+STAGED = "squadtune.model.staged"  # emitted by tasks.registry_moves for every move to @staging
 TABLE = "gate/staging_comparison.json"
 
 
@@ -72,6 +73,9 @@ def verdict_markdown(verdict: review.Verdict, table: str | None = "gate-question
     if verdict.eval_overlap:
         lines += ["", f"**Warning**: {new} was scored on {verdict.eval_overlap} questions it was "
                   "also trained on (data.eval_overlap: allow): its F1 says little."]
+    for line in verdict.out_of_band:
+        lines += ["", f"**Warning**: {line}. It is recorded in the promotion history as an "
+                  "out-of-band move."]
     if verdict.changed:
         rows = verdict.changed[:5] + [r for r in verdict.changed[5:] if r["f1_delta"] < 0][-5:]
         lines += ["", f"Questions whose F1 changed ({len(verdict.changed)}"
@@ -103,29 +107,6 @@ def publish(run: Run, verdict: review.Verdict) -> None:
                                             data=pd.DataFrame(rows))
 
 
-def version_resource(model: str, version: int, alias: str) -> dict[str, str]:
-    """A model version as the resource of a Prefect event: the id the `approve` trigger matches
-    and the labels its parameters are read from."""
-    return {
-        "prefect.resource.id": f"mlflow.model-version.{model}.v{version}",
-        "prefect.resource.name": f"{model} v{version}",
-        "squadtune.model": model,
-        "squadtune.version": str(version),
-        "squadtune.alias": alias,
-    }
-
-
-def announce(verdict: review.Verdict) -> None:
-    """`squadtune.model.staged`: the fact an approval request hangs on (an automation)."""
-    from prefect.events import emit_event
-
-    emit_event(
-        event=STAGED,
-        resource=version_resource(verdict.model, verdict.version, verdict.alias),
-        payload={"reason": verdict.reason, "replaced": verdict.against, "f1": verdict.f1},
-    )
-
-
 @task(name="gate_candidate", log_prints=True)
 def gate_candidate(run: Run, registered: Registration) -> dict[str, Any]:
     """Compare the new version with @staging on the same questions; move it when the gate passes."""
@@ -133,9 +114,10 @@ def gate_candidate(run: Run, registered: Registration) -> dict[str, Any]:
     with registry_lock(), squadtune_registry.acting_for(f"gate of flow run {run.flow_run_id}"):
         verdict = review.judge(registered.model_name, registered.version, "staging",
                                registry.gate, move=registry.auto_promote == "staging")
+        follow(verdict.moves)  # the staged event asks a person; stale approvals end
+    for line in verdict.out_of_band:
+        print(f"warning: {line}")
     print(f"gate: {verdict.model} v{verdict.version}: {verdict.reason}")
     publish(run, verdict)
-    if verdict.moved:
-        announce(verdict)
-    return {k: v for k, v in verdict.as_dict().items() if k != "changed"}
+    return verdict.as_dict()
 

@@ -140,7 +140,10 @@ def log_and_register(run: Run, artifacts: dict[str, str], out: Path,
             pip_requirements=pip_requirements(config.quantization.enabled),
             tags={"squadtune.adapter_key": tags["squadtune.adapter_key"]},
         )
-    mv = mlflow.register_model(info.model_uri, name, tags=tags)
+    for key, value in tags.items():  # the whole lineage, on the run's page
+        if key != "mlflow.run_id":
+            client.set_tag(run_id, key, value)
+    mv = mlflow.register_model(info.model_uri, name, tags=version_tags(tags))
     client.update_model_version(name, mv.version, description=description(tags))
     client.set_registered_model_alias(name, config.registry.alias, mv.version)
     return Registration(
@@ -158,13 +161,31 @@ def version_exists(done: Registration) -> str | None:
     """A cached registration counts only while the registry still holds that version."""
     import mlflow
 
+    client = mlflow.MlflowClient()
     try:
-        mv = mlflow.MlflowClient().get_model_version(done.model_name, str(done.version))
+        mv = client.get_model_version(done.model_name, str(done.version))
+        # The logged model carries the key (a version an older squadtune registered, too);
+        # the version names it in its `models:/m-...` source (its model_id may be empty).
+        logged = mv.model_id or mv.source.removeprefix("models:/")
+        key = mv.tags.get("squadtune.adapter_key") or (
+            client.get_logged_model(logged).tags.get("squadtune.adapter_key")
+            if logged.startswith("m-") else None)
     except Exception:
         return f"{done.model_name} version {done.version} is gone from the registry"
-    if mv.tags.get("squadtune.adapter_key") != done.adapter_key:
+    if key != done.adapter_key:
         return f"{done.model_name} version {done.version} holds another adapter"
     return None
+
+
+# What a person scans in the registry's version list, under keys short enough that the list's
+# narrow tags column shows their values: the score and the data it learned from (the gate adds
+# `gate.staging`, an approval `approval`). Everything else about a version is on its run (tags,
+# and the description written from them).
+VERSION_TAGS = {"eval.f1": "eval.f1", "data.key": "squadtune.data_key"}
+
+
+def version_tags(lineage: dict[str, str]) -> dict[str, str]:
+    return {key: lineage[source] for key, source in VERSION_TAGS.items()}
 
 
 def lineage_tags(run: Run, scores: EvalResult, baseline: EvalResult, tokenized: Tokenized,
@@ -173,6 +194,8 @@ def lineage_tags(run: Run, scores: EvalResult, baseline: EvalResult, tokenized: 
     ours, theirs = scores.metrics, baseline.metrics
     model, adapter = run.config.model, scores.adapter
     return {
+        # The data stage's key: the label `squadtune watch` announces new data with.
+        "squadtune.data_key": tokenized.squad.key,
         # The content hash of the validated data files both splits were read from.
         "squadtune.data_manifest_hash": tokenized.squad.content_hash,
         "squadtune.config_hash": run.config.fingerprint(),

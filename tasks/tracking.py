@@ -87,14 +87,21 @@ def experiment_id(name: str, state_dir: str | Path) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+# MLflow 3's UI shows a page in its GenAI view unless the link asks for the training one (the
+# experiment's `mlflow.experimentKind` tag decides only where an experiment's own page opens).
+TRAINING_VIEW = "workflowType=machine_learning"
+
+
 def run_url(run_id: str) -> str:
-    """Where a user opens the run: the MLflow UI for a server, else the local store."""
+    """Where a user opens the run: the MLflow UI's training view for a server, else the local
+    store."""
     import mlflow
 
     uri = mlflow.get_tracking_uri()
     run = mlflow.MlflowClient().get_run(run_id)
     if uri.startswith("http"):
-        return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+        return (f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+                f"?{TRAINING_VIEW}")
     return f"{uri} (experiment {run.info.experiment_id}, run {run_id})"
 
 

@@ -98,7 +98,7 @@ def test_each_preset_is_a_deployment_whose_form_defaults_are_its_yaml(deployed):
     deployments = {d["name"]: d for d in api(deployed, "deployments/filter", {})}
     assert set(deployments) == {
         "finetune-demo", "finetune-gpt2-qlora", "finetune-retrain", "check-hub-data",
-        "approve", "train-gpu", "promote", "rollback",
+        "approve", "expire", "train-gpu", "promote", "rollback",
     }
     demo, recipe = deployments["finetune-demo"], deployments["finetune-gpt2-qlora"]
     retrain = deployments["finetune-retrain"]
@@ -126,6 +126,12 @@ def test_each_preset_is_a_deployment_whose_form_defaults_are_its_yaml(deployed):
     (action,) = approval["actions"]
     assert action["deployment_id"] == deployments["approve"]["id"]
     assert set(action["parameters"]) == {"model_name", "version"}
+    # An approval nobody answers: a proactive trigger whose window is the request's timeout.
+    expiry = automations["record an approval nobody answered"]
+    assert expiry["trigger"]["posture"] == "Proactive"
+    assert expiry["trigger"]["within"] == deployments["approve"]["parameters"][
+        "timeout_hours"] * 3600
+    assert expiry["actions"][0]["deployment_id"] == deployments["expire"]["id"]
     schema = demo["parameter_openapi_schema"]
     assert "config" in schema["properties"], "the run form is the typed PipelineConfig"
     assert "TrainingConfig" in json.dumps(schema["definitions"])
@@ -159,7 +165,6 @@ def test_run_from_cli_fails_in_training_then_resumes_from_cache(deployed, small_
     server = deployed["env"]["MLFLOW_TRACKING_URI"]
     client = mlflow.MlflowClient(tracking_uri=server, registry_uri=server)
     version = client.get_model_version_by_alias("squadtune-ops", "candidate")
-    assert version.tags["prefect.flow_run_id"] == again["id"]
     run = client.get_run(version.run_id)
     assert run.data.tags["prefect.flow_run_id"] == again["id"]
     prefect_ui = f"http://127.0.0.1:{deployed['ports']['prefect']}"
@@ -170,7 +175,10 @@ def test_run_from_cli_fails_in_training_then_resumes_from_cache(deployed, small_
     by_key = {a["key"]: a for a in artifacts}
     link = by_key["mlflow-run"]["data"]  # Prefect stores a link artifact as markdown
     mlflow_url = deployed["env"]["MLFLOW_TRACKING_URI"]
-    assert f"]({mlflow_url}/#/experiments/" in link and link.endswith(f"/runs/{run.info.run_id})")
+    # The training view, not MLflow's GenAI view (checked in a browser: the workflowType
+    # parameter picks the side bar's "Model training").
+    assert f"]({mlflow_url}/#/experiments/" in link and link.endswith(
+        f"/runs/{run.info.run_id}?workflowType=machine_learning)")
     assert "baseline" in by_key["run-summary"]["data"]
 
     # The registry UI's call for the version page's Schema: a runs:/ source on this server's

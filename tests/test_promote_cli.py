@@ -10,6 +10,7 @@ import pytest
 
 from flows.cli import main
 from flows.promote import LIMIT
+from tests.test_approval import prefect_events
 from tests.test_registry import build_registry
 
 NAME = "promote-cli"
@@ -94,6 +95,9 @@ def test_rollback_takes_the_model_like_promote(registry_store, capsys, prefect_h
     code, out, _ = cli(capsys, "rollback", NAME, "--alias", "staging")
     assert code == 0 and json.loads(out)["version"] == 1
     assert newest(flow_runs("rollback")).name == f"rollback {NAME} @staging"
+    # A rollback is announced like the other moves: v1 holds @staging again, replacing v2.
+    (event,) = prefect_events("squadtune.model.rolled-back", 1, model=NAME)
+    assert (event.resource["squadtune.alias"], event.payload["replaced"]) == ("staging", 2)
 
 
 def tree(root):

@@ -235,7 +235,7 @@ def test_new_data_starts_one_run_and_the_gate_stages_its_version(loop):
 
     assert aliases(loop) == {"candidate": 1, "staging": 1, "production": None}
     tags = client(loop).get_model_version(MODEL, "1").tags
-    assert tags["squadtune.gate.staging.verdict"] == "passed"
+    assert tags["gate.staging"] == "passed"
     artifacts = post(loop, "artifacts/filter",
                      {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
     gate = next(a for a in artifacts if a["key"] == "gate")
@@ -250,7 +250,7 @@ def test_a_person_approves_production_across_a_server_restart(loop):
     request = finished(loop, "approve", 1)
     assert request["state_type"] == "PAUSED", request["state"]
     assert request["name"] == f"approve {MODEL} v1 for @production"
-    assert request["parameters"] == {"model_name": MODEL, "version": 1}
+    assert request["parameters"] == {"model_name": MODEL, "version": 1, "timeout_hours": 72}
     # Prefect's server goes down and comes back while the request waits: it stays resumable.
     services = Services(str(loop["state"]))
     services.stop("prefect-server")
@@ -264,9 +264,10 @@ def test_a_person_approves_production_across_a_server_restart(loop):
              "the approval run to complete")
     assert aliases(loop) == {"candidate": 1, "staging": 1, "production": 1}
     assert history(loop)[-2:] == [("approve", "production", 1), ("promote", "production", 1)]
-    tags = client(loop).get_model_version(MODEL, "1").tags
-    assert (tags["squadtune.approval.production.decision"],
-            tags["squadtune.approval.production.by"]) == ("approved", "alice")
+    version = client(loop).get_model_version(MODEL, "1")
+    assert version.tags["approval"] == "approved"
+    assert client(loop).get_run(version.run_id).data.tags[
+        "squadtune.approval.production.by"] == "alice"
 
 
 def test_the_same_data_again_starts_nothing(loop):
@@ -284,7 +285,8 @@ def test_a_second_version_is_staged_and_a_rejection_leaves_production(loop):
     run = finished(loop, "finetune", 2)
     assert run["state_type"] == "COMPLETED", run["state"]["message"]
     assert run["name"] != runs_of(loop, "finetune")[0]["name"], "other data, another name"
-    tags = client(loop).get_model_version(MODEL, "2").tags
+    version = client(loop).get_model_version(MODEL, "2")
+    tags = {**client(loop).get_run(version.run_id).data.tags, **version.tags}
     # Both versions are compared on the same 8 held-out questions, question by question.
     summary = tags["squadtune.gate.staging.summary"]
     assert "against @staging v1" in summary and "on 8 questions" in summary, summary
@@ -296,10 +298,10 @@ def test_a_second_version_is_staged_and_a_rejection_leaves_production(loop):
     resume(loop, request["id"], decision="reject", reviewer="bob", reason="wait for more data")
     wait_for(lambda: get(loop, f"flow_runs/{request['id']}")["state_name"] == "Rejected", 180,
              "the rejected request to end")
-    assert aliases(loop) == {"candidate": 2, "staging": 2, "production": 1}
-    assert history(loop)[-1] == ("reject", "production", 2)
-    assert client(loop).get_model_version(MODEL, "2").tags[
-        "squadtune.approval.production.decision"] == "rejected"
+    # A refused version gives @staging back to the version that held it before.
+    assert aliases(loop) == {"candidate": 2, "staging": 1, "production": 1}
+    assert history(loop)[-2:] == [("reject", "production", 2), ("rollback", "staging", 1)]
+    assert client(loop).get_model_version(MODEL, "2").tags["approval"] == "rejected"
 
 
 def test_a_malformed_file_fails_its_run_with_the_reason_and_moves_nothing(loop):
@@ -315,5 +317,5 @@ def test_a_malformed_file_fails_its_run_with_the_reason_and_moves_nothing(loop):
     # What to do with the file in the folder, not a command-line override.
     assert "batch-3.json: 1 of 1 records are malformed" in message, message
     assert f"or move it out of {loop['incoming']}" in message and "/path/to/" not in message
-    assert aliases(loop) == {"candidate": 2, "staging": 2, "production": 1}
+    assert aliases(loop) == {"candidate": 2, "staging": 1, "production": 1}
     assert len(client(loop).search_model_versions(f"name = '{MODEL}'")) == 2

@@ -19,7 +19,7 @@ LINEAGE = {
     "squadtune.base_model": "random", "squadtune.base_revision": "local", "eval.f1": "1.0",
     "eval.exact_match": "0.0", "eval.questions": "8", "eval.set_hash": "abc",
     "eval.baseline_f1": "0.0", "eval.baseline_exact_match": "0.0",
-    "squadtune.config_hash": "c", "squadtune.data_manifest_hash": "d",
+    "squadtune.config_hash": "c", "squadtune.data_manifest_hash": "d", "squadtune.data_key": "k",
     "squadtune.git_commit": "g", "prefect.flow_run_id": "f", "mlflow.run_id": "r",
 }
 
