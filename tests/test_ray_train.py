@@ -280,6 +280,7 @@ def test_a_worker_killed_mid_training_restarts_from_the_last_checkpoint(
     stage_dir, manifest = stage_output(tmp_path / "state", "train")
     ray_run = json.loads((stage_dir / "ray_run.json").read_text())
     assert ray_run["resumed_from_step"] == 2, "restarted from the checkpoint of step 2"
+    assert manifest["resumed_from_step"] == 2, "and the Trainer resumed from it (ray#46814)"
     assert manifest["global_step"] == 4 and manifest["world_size"] == 2
     same_stages(tmp_path / "state", uninterrupted)
     assert_equal_adapters(stage_dir / "adapter", uninterrupted["out"] / "adapter",
@@ -337,6 +338,8 @@ def test_the_flow_killed_mid_training_resumes_from_the_checkpoint_on_storage(
     assert task_states(state)["train_adapter"] == "Completed"
     ray_run = json.loads((stage_dir / "ray_run.json").read_text())
     assert ray_run["resumed_from_step"] == 2, "resumed from storage, not from step 0"
+    manifest = json.loads((stage_dir / "manifest.json").read_text())
+    assert manifest["resumed_from_step"] == 2 and manifest["global_step"] == 4
     same_stages(tmp_path / "state", uninterrupted)
     assert_equal_adapters(stage_dir / "adapter", uninterrupted["out"] / "adapter",
                           uninterrupted["stages"]["lora"].adapter_dir)
