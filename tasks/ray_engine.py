@@ -16,7 +16,6 @@ which Ray's dashboard shows.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -163,8 +162,3 @@ def fit(job, storage: Storage, name: str, folders: dict[str, Any]) -> None:
 
             ray.shutdown()
 
-
-def ray_run(out: Path) -> dict[str, Any] | None:
-    """What the stage directory says about its Ray run (storage, workers), if it had one."""
-    path = out / RAY_RUN
-    return json.loads(path.read_text()) if path.is_file() else None
