@@ -44,7 +44,8 @@ class RaySettings(Section):
         "",
         description="Where the training inputs, checkpoints and the adapter travel between the "
         "flow and the workers: s3://bucket/prefix on a cluster (any URI pyarrow opens), or a "
-        "folder every worker mounts. Empty: <state_dir>/ray-storage, for one machine.",
+        "folder every worker mounts. Empty: the ray-storage folder of tracking.state_dir, for "
+        "one machine.",
     )
     max_failures: int = Field(
         2,
