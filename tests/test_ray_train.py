@@ -181,7 +181,9 @@ def uninterrupted(ray_cluster, small_squad_file, tmp_path_factory):
     secret = f"squadtune-secret-{uuid.uuid4().hex}"
     with s3_server(root / "s3") as s3, pytest.MonkeyPatch.context() as env:
         bucket = s3.create_bucket("squadtune-ray")
-        for name, value in {**s3.env, "MLFLOW_TRACKING_PASSWORD": secret}.items():
+        # Ray Train records its runs for the dashboard's Train page when this is set.
+        tracked = {"RAY_TRAIN_ENABLE_STATE_TRACKING": "1"}
+        for name, value in {**s3.env, "MLFLOW_TRACKING_PASSWORD": secret, **tracked}.items():
             env.setenv(name, value)
         raw = ray_config(small_squad_file, root / "state", storage=f"{bucket}/team")
         config = PipelineConfig.model_validate(raw)
@@ -217,7 +219,7 @@ def test_inputs_checkpoints_and_adapter_travel_through_s3_and_secrets_stay_hidde
             "AWS_ENDPOINT_URL_S3"} <= set(ray_run["environment_from_flow"])
     shown = uninterrupted["shown"]
     assert any("train-out-" in text for place, text in shown.items() if place.startswith("Ray")), \
-        "the run's state was read"
+        "Ray Train's record of the run was read"
     for secret in (uninterrupted["secret"], "squadtune-test-secret"):  # MLflow's, the S3 key
         leaks = [place for place, text in shown.items() if secret in text]
         assert not leaks, f"a secret shown by Ray in {leaks}"
