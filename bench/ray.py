@@ -10,8 +10,9 @@ trains in this process; ray starts a local Ray (timed alone: `ray_start_s`), upl
 to its storage, spawns one worker that copies them back, trains, reports each checkpoint and
 puts the adapter on storage. Both train with --threads torch threads: a Ray worker gets as many
 as the CPUs it reserves (resources_per_worker.CPU, through OMP_NUM_THREADS), so the local run is
-set to the same (on a loaded 2-core machine one thread trains 2.5-3x faster than two, which would
-otherwise be credited to Ray). Per engine and repeat (alternating, so load drifts hit both):
+set to the same, OpenMP pools included (on a loaded 2-core machine one thread trains 2.5-3x
+faster than two, which would otherwise be credited to Ray). Per engine and repeat (alternating, so
+load drifts hit both):
 
 * `train_examples_per_s`: the Trainer's own figure (examples over its train_runtime), the steady
   state that Ray's per-step overhead (its report callback, DDP wrapper) would slow;
@@ -123,6 +124,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of both engines")
     parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
+    # Before torch is imported: its own pool and every OpenMP pool (bitsandbytes' CPU kernels)
+    # of this process, as Ray sets it for a worker reserving that many CPUs.
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
     from pipeline_config import PipelineConfig
 
