@@ -106,9 +106,11 @@ def cuda_available() -> bool:
 
 
 def cuda_problems(config: PipelineConfig) -> list[Problem]:
-    """Settings only CUDA runs. Skipped when training runs elsewhere (a GPU work pool)."""
+    """Settings only CUDA runs. Skipped when training runs elsewhere (a GPU work pool, Ray
+    workers: `pipeline_config.ray_checks`)."""
     t = config.training
-    if t.deployment or not (t.fp16 or t.optim in UNPAGED) or cuda_available():
+    if t.deployment or t.engine == "ray" or not (t.fp16 or t.optim in UNPAGED) or (
+            cuda_available()):
         return []
     problems = []
     if t.fp16:
@@ -173,6 +175,8 @@ def hub_problems(config: PipelineConfig) -> list[Problem]:
 
 def problems(config: PipelineConfig) -> list[Problem]:
     found = file_problems(config) + cuda_problems(config) + hub_problems(config)
+    if not found and config.training.engine == "ray":  # may connect to the cluster: last
+        found += importlib.import_module("pipeline_config.ray_checks").ray_problems(config)
     if not found:  # the deeper checks read the files and the model: only when they are there
         if not uses_hub(config):
             go_offline()

@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from pipeline_config.engine import RaySettings, world_size
 from pipeline_config.sections import (
     DataConfig,
     LoraSettings,
@@ -24,8 +25,8 @@ from squadtune.hashing import stable_hash
 
 __all__ = [
     "DataConfig", "EvaluationConfig", "LoraSettings", "ModelConfig", "PipelineConfig",
-    "QuantizationConfig", "RandomInitConfig", "RegistryConfig", "Section", "TrackingConfig",
-    "TrainingConfig", "stable_hash",
+    "QuantizationConfig", "RandomInitConfig", "RaySettings", "RegistryConfig", "Section",
+    "TrackingConfig", "TrainingConfig", "stable_hash",
 ]
 
 
@@ -33,11 +34,13 @@ class TrainingConfig(Section):
     """`transformers.Trainer` settings, named as `TrainingArguments` names them: every field
     but the launch-only ones is passed to it as it is, so a new Trainer knob is one field."""
 
+    # Where training runs (engine, ranks, cluster) changes no result but through the global batch
+    # it steps on, which `cache_dict` adds.
     not_in_cache_key = frozenset({"fail_after_step", "logging_steps", "deployment",
-                                  "torchrun_args"})
+                                  "torchrun_args", "nproc_per_node", "engine", "ray"})
     # Where and how training is launched (and a testing aid): not `TrainingArguments`.
     launch_only: ClassVar[frozenset[str]] = frozenset(
-        {"nproc_per_node", "torchrun_args", "deployment", "fail_after_step"}
+        {"nproc_per_node", "torchrun_args", "deployment", "fail_after_step", "engine", "ray"}
     )
     # How this pipeline shapes the data it gives the Trainer: not `TrainingArguments` either.
     data_shaping: ClassVar[frozenset[str]] = frozenset({"share_context"})
@@ -50,6 +53,16 @@ class TrainingConfig(Section):
         """The `TrainingArguments` keyword arguments this section sets."""
         kwargs = self.model_dump(exclude=set(self.launch_only | self.data_shaping))
         return {self.renamed.get(name, name): value for name, value in kwargs.items()}
+
+    @property
+    def global_batch_size(self) -> int:
+        """Examples (or packed rows) per optimizer step, over every rank of the engine."""
+        return (self.per_device_train_batch_size * self.gradient_accumulation_steps
+                * world_size(self.engine, self.nproc_per_node, self.torchrun_args,
+                             self.ray.num_workers))
+
+    def cache_dict(self) -> dict[str, Any]:
+        return {**super().cache_dict(), "global_batch_size": self.global_batch_size}
 
     max_steps: int = Field(10_000, ge=1, description="Optimizer steps.")
     per_device_train_batch_size: int = Field(16, ge=1, description="Examples per device per step.")
@@ -83,11 +96,23 @@ class TrainingConfig(Section):
         None, ge=1, description="Held-out loss every N steps; null for none during training."
     )
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    engine: Literal["local", "torchrun", "ray"] = Field(
+        "local",
+        description="Where the training stage runs: local (the flow's own process), torchrun "
+        "(nproc_per_node DDP processes on this machine, or several nodes with torchrun_args) or "
+        "ray (Ray Train workers on a Ray cluster, see training.ray). Setting only "
+        "nproc_per_node > 1 means torchrun.",
+    )
+    ray: RaySettings = Field(
+        default_factory=RaySettings,
+        description="The Ray cluster, workers, storage and retries of training.engine=ray.",
+    )
     nproc_per_node: int = Field(
         1,
         ge=1,
-        description="Training processes (DDP under torchrun: one per GPU, gloo on CPU); the "
-        "global batch is per_device_train_batch_size x gradient_accumulation_steps x this.",
+        description="Training processes of training.engine=torchrun (DDP: one per GPU, gloo on "
+        "CPU); the global batch is per_device_train_batch_size x gradient_accumulation_steps "
+        "x this (x the nodes of torchrun_args).",
     )
     torchrun_args: list[str] = Field(
         default_factory=list,
@@ -113,6 +138,26 @@ class TrainingConfig(Section):
         description="Testing aid: fail the run right after checkpoint N is written, unless "
         "training resumed from that checkpoint. Never set in production.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nproc_means_torchrun(cls, data: Any) -> Any:
+        # Configs written before training.engine existed launch torchrun with nproc_per_node.
+        if isinstance(data, dict) and "engine" not in data and data.get("nproc_per_node", 1) != 1:
+            return {**data, "engine": "torchrun"}
+        return data
+
+    @model_validator(mode="after")
+    def _one_engine(self) -> TrainingConfig:
+        if self.nproc_per_node > 1 and self.engine != "torchrun":
+            workers = (" (its workers are training.ray.num_workers)"
+                       if self.engine == "ray" else "")
+            raise ValueError(
+                f"training.nproc_per_node={self.nproc_per_node} launches torchrun, but "
+                f"training.engine={self.engine}{workers}: set training.engine=torchrun or "
+                "training.nproc_per_node=1"
+            )
+        return self
 
     @model_validator(mode="after")
     def _precision(self) -> TrainingConfig:

@@ -55,7 +55,9 @@ def answer_only_trainer():
 
     `logits_to_keep` with a boolean (batch, positions) mask is transformers' own mechanism for
     this; the loss is the summed cross-entropy over those positions divided by the number of
-    supervised tokens in the whole accumulated batch, as transformers' causal-LM loss does.
+    supervised tokens in the whole accumulated batch over every rank (transformers'
+    `num_items_in_batch`, gathered across ranks by `average_tokens_across_devices`), so ranks
+    whose answers differ in length weigh each token as one process with their whole batch would.
     """
     import torch
     import torch.nn.functional as F
@@ -79,6 +81,15 @@ def answer_only_trainer():
             self.generator = torch.Generator().manual_seed(self.seed + epoch)
 
     class AnswerOnlyLossTrainer(Trainer):
+        # `compute_loss` divides by `num_items_in_batch` itself: already scaled for accumulation.
+        loss_is_scaled_for_ga = True
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # The Trainer counts (and gathers across ranks) the batch's supervised tokens only for
+            # models whose forward takes loss kwargs; this loss needs the count for any model.
+            self.model_accepts_loss_kwargs = True
+
         def _get_train_sampler(self, train_dataset=None):
             sampler = super()._get_train_sampler(train_dataset)
             if isinstance(sampler, LengthGroupedSampler):

@@ -1,9 +1,10 @@
 """Stage 5: train the LoRA adapter with `transformers.Trainer`, resuming from its checkpoints.
 
-One `TrainJob` carries a training job wherever it runs: this process, each `torchrun` rank (as a
-JSON file; `training.nproc_per_node > 1`, DDP with gloo on CPU and NCCL on GPUs, rank 0 alone
-writes the adapter and logs to MLflow), or a GPU work pool (as the `train` deployment's
-parameters; the flow decides, see `flows/finetune.py`).
+One `TrainJob` carries a training job wherever it runs: this process (`training.engine: local`),
+each `torchrun` rank (as a JSON file; `engine: torchrun`, DDP with gloo on CPU and NCCL on GPUs,
+rank 0 alone writes the adapter and logs to MLflow), each Ray Train worker (`engine: ray`, see
+`tasks.ray_engine`), or a GPU work pool (as the `train` deployment's parameters; the flow
+decides, see `flows/finetune.py`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,15 +68,22 @@ def train_adapter(
 ) -> Adapter:
     """Train the adapter with Trainer; checkpoints stay in the stage directory for resuming."""
     job = TrainJob(run=run, lora=lora, tokenized=tokenized, base=base)
-    if run.config.training.nproc_per_node > 1:
+    engine = run.config.training.engine
+    if engine == "ray":
+        from tasks.ray_engine import train_on_ray
+
+        return train_on_ray(job, out)
+    if engine == "torchrun" or run.config.training.nproc_per_node > 1:
         return launch_distributed(job, out)
     return train_here(job, out)
 
 
-def train_here(job: TrainJob, out: Path) -> Adapter:
+def train_here(job: TrainJob, out: Path, callbacks: Sequence[Any] = ()) -> Adapter:
     """Train from the initial adapter (or the latest complete checkpoint) to `max_steps`.
 
-    Runs in each rank when launched by `torchrun`; rank 0 writes the adapter and the result.
+    Runs in each rank when launched by `torchrun` or Ray; rank 0 writes the adapter and the
+    result. `callbacks` (an engine's: Ray's checkpoint reports) see each checkpoint after its
+    checksums are written.
     """
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -85,7 +94,8 @@ def train_here(job: TrainJob, out: Path) -> Adapter:
     device = default_device()
     tokenizer = AutoTokenizer.from_pretrained(str(job.tokenized.tokenizer_dir))
     train_ds, eval_ds, data_collator = training_data(job, tokenizer, device)
-    model = load_base_model(job.base.spec(), config.quantization, config.model.torch_dtype, device)
+    model = load_base_model(job.base.spec(), config.quantization, config.model.torch_dtype,
+                            rank_device(device))
     model = prepare_for_training(model, cfg.gradient_checkpointing)
     with peft_wrapping():
         model = PeftModel.from_pretrained(model, str(job.lora.adapter_dir), is_trainable=True)
@@ -104,6 +114,7 @@ def train_here(job: TrainJob, out: Path) -> Adapter:
         processing_class=tokenizer,
         callbacks=[
             checksum_callback(),  # first: a failure injected on save must find it written
+            *callbacks,
             mlflow_callback(run_id, skip_until_step=resumed_from),
             fault_injector(cfg.fail_after_step, resumed_from),
         ],
@@ -154,6 +165,13 @@ def train_here(job: TrainJob, out: Path) -> Adapter:
         summary.adapter_bytes = sum(f.stat().st_size for f in (out / "adapter").iterdir())
         write_json(out / RESULT, summary)
     return summary
+
+
+def rank_device(device: str) -> str:
+    """This rank's GPU (`cuda:LOCAL_RANK`, where DDP puts it) for a rank of several on a node;
+    the device itself otherwise."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    return f"cuda:{local_rank}" if device == "cuda" and local_rank else device
 
 
 def training_data(job: TrainJob, tokenizer, device: str):

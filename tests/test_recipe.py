@@ -36,7 +36,7 @@ MAPPED = {
 }
 # Fields that are not Trainer settings: where training runs, and the test-only fault injector;
 # and how the pipeline shapes the Trainer's data (packed paragraphs).
-LAUNCH_ONLY = {"nproc_per_node", "torchrun_args", "deployment", "fail_after_step"}
+LAUNCH_ONLY = {"nproc_per_node", "torchrun_args", "deployment", "fail_after_step", "engine", "ray"}
 DATA_SHAPING = {"share_context"}
 
 

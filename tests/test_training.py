@@ -141,7 +141,7 @@ def test_two_gloo_ranks_reach_the_adapter_of_one_process_with_twice_the_batch(
 
     ddp = tmp_path / "ddp"
     ddp.mkdir()
-    ranks = job(s, training(nproc_per_node=2, per_device_train_batch_size=2))
+    ranks = job(s, training(engine="torchrun", nproc_per_node=2, per_device_train_batch_size=2))
     # The stage's own body (no cache): nproc_per_node > 1 launches the ranks with torchrun.
     distributed = train_adapter.fn(ranks.run.model_copy(update={"mlflow_run_id": run_id}),
                                    ranks.lora, ranks.tokenized, ranks.base, out=ddp)
