@@ -65,10 +65,22 @@ KEPT_OUT = {
     "training.fail_after_step": "a testing aid that fails a run after a checkpoint",
     "training.deployment": "where training runs, not what it computes",
     "training.torchrun_args": "how torchrun finds its nodes",
+    "training.engine": "which launcher runs the same Trainer: this process, torchrun or Ray",
+    "training.ray": "where the Ray cluster and the storage are, how failures are retried",
+    "training.nproc_per_node": "ranks: they enter the key only through the global batch",
     "evaluation.during_training": "the F1 curve logged while training, not the adapter",
     "registry.gate": "what happens to a version after it is registered",
     "registry.auto_promote": "what happens to a version after it is registered",
 }
+
+
+# Placement fields that do change the training key, through the global batch they make (examples
+# per optimizer step over every rank), and the stages they then change.
+THROUGH_GLOBAL_BATCH = {"training.nproc_per_node": {TRAIN, EVAL, REGISTER}}
+
+
+def kept_out(path: str) -> bool:
+    return any(path == out or path.startswith(out + ".") for out in KEPT_OUT)
 
 
 def section_of(annotation) -> type[Section] | None:
@@ -123,6 +135,8 @@ def other_value(annotation, value):
         return f"{value or 'x'}-changed"
     if typing.get_origin(annotation) is list:
         return value[:-1] if len(value) > 1 else [*value, "changed"]
+    if typing.get_origin(annotation) is dict:
+        return {} if value else {"CPU": other_value(args[1], None)}
     raise AssertionError(f"no generic change for a {annotation}: add the field to SPECIAL")
 
 
@@ -172,6 +186,8 @@ def setup(small_squad_file, tmp_path_factory):
                                       "quantization.load_in_4bit": False},
         "training.optim": {"training.optim": "adamw_8bit"},
         "training.fail_after_step": {"training.fail_after_step": 2},  # a checkpoint step
+        # two torchrun ranks: twice the global batch
+        "training.nproc_per_node": {"training.engine": "torchrun", "training.nproc_per_node": 2},
         "registry.gate": {"registry.gate": {"rule": "mean", "min_delta": 1.0}},
     }
     return {"raw": raw, "vocab_size": vocab_size, "special": special,
@@ -218,7 +234,8 @@ def test_each_field_changes_exactly_the_keys_of_the_stages_that_read_it(setup, p
     assert raw_value(raw, path) != raw_value(setup["raw"], path)
     after = stage_keys(raw, setup["vocab_size"])
     moved = {stage for stage in STAGES if after[stage] != setup["before"][stage]}
-    expected = set() if path in KEPT_OUT else expected_changes(path)
+    expected = (THROUGH_GLOBAL_BATCH.get(path, set()) if kept_out(path)
+                else expected_changes(path))
     assert moved == expected, f"{path}: keys changed {sorted(moved)}, not {sorted(expected)}"
 
 
@@ -240,3 +257,23 @@ def test_a_data_file_edited_in_place_changes_every_key_but_the_base(setup, tmp_p
         "the cache key names the file's content")
     path.write_bytes(original)
     assert stage_keys(raw, setup["vocab_size"]) == before, "the same bytes: the same keys"
+
+
+def test_placement_enters_the_key_only_through_the_global_batch(setup):
+    """The launcher, the cluster and its retries change no key: two torchrun ranks and two Ray
+    workers of batch 2 train one adapter, and one Ray worker trains what this process trains.
+    The number of ranks changes the key through the global batch it makes (the per-rank batch is
+    a Trainer setting of its own: length grouping forms its groups from it)."""
+    def keys(**training) -> dict[str, str]:
+        raw = changed(setup["raw"], "training.per_device_train_batch_size", 2)
+        for name, value in training.items():
+            raw = changed(raw, f"training.{name}", value)
+        return stage_keys(raw, setup["vocab_size"])
+
+    two_ranks = keys(engine="torchrun", nproc_per_node=2)
+    assert keys(engine="ray", ray={"num_workers": 2, "address": "ray://elsewhere:10001",
+                                   "max_failures": 5, "storage": "s3://b/p"}) == two_ranks
+    one_worker = keys(engine="ray", ray={"num_workers": 1, "use_gpu": True})
+    assert one_worker == keys()
+    assert {stage for stage in STAGES if two_ranks[stage] != one_worker[stage]} == {
+        TRAIN, EVAL, REGISTER}
