@@ -258,22 +258,3 @@ def test_a_data_file_edited_in_place_changes_every_key_but_the_base(setup, tmp_p
     path.write_bytes(original)
     assert stage_keys(raw, setup["vocab_size"]) == before, "the same bytes: the same keys"
 
-
-def test_placement_enters_the_key_only_through_the_global_batch(setup):
-    """The launcher, the cluster and its retries change no key: two torchrun ranks and two Ray
-    workers of batch 2 train one adapter, and one Ray worker trains what this process trains.
-    The number of ranks changes the key through the global batch it makes (the per-rank batch is
-    a Trainer setting of its own: length grouping forms its groups from it)."""
-    def keys(**training) -> dict[str, str]:
-        raw = changed(setup["raw"], "training.per_device_train_batch_size", 2)
-        for name, value in training.items():
-            raw = changed(raw, f"training.{name}", value)
-        return stage_keys(raw, setup["vocab_size"])
-
-    two_ranks = keys(engine="torchrun", nproc_per_node=2)
-    assert keys(engine="ray", ray={"num_workers": 2, "address": "ray://elsewhere:10001",
-                                   "max_failures": 5, "storage": "s3://b/p"}) == two_ranks
-    one_worker = keys(engine="ray", ray={"num_workers": 1, "use_gpu": True})
-    assert one_worker == keys()
-    assert {stage for stage in STAGES if two_ranks[stage] != one_worker[stage]} == {
-        TRAIN, EVAL, REGISTER}

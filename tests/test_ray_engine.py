@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -14,7 +16,7 @@ from pipeline_config import PipelineConfig, load_config
 from pipeline_config.engine import torchrun_nodes
 from squadtune.storage import Storage
 from tasks.ray_engine import worker_environment
-from tests.conftest import tiny_config_dict
+from tests.conftest import ROOT, tiny_config_dict
 from tests.test_cache_keys import stage_keys
 from tests.test_cache_matrix import EVAL, REGISTER, STAGES, TRAIN
 from tests.test_config import run_refused
@@ -89,11 +91,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_an_unreachable_cluster_is_refused_at_once_naming_the_fix(capsys):
-    started = time.monotonic()
+def test_an_unreachable_cluster_is_refused_at_once_naming_the_fix():
+    """In a process of its own, so that a check that hangs (inside `ray.init`) fails the test
+    at its timeout instead of hanging the suite."""
     port = free_port()
-    err = run_refused(capsys, "training.engine=ray", f"training.ray.address=127.0.0.1:{port}")
-    assert time.monotonic() - started < 10, "not a hang"
+    started = time.monotonic()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "run", "--config", "demo", "training.engine=ray",
+             f"training.ray.address=127.0.0.1:{port}"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("an unreachable Ray cluster was not refused within 60 s: a hang")
+    assert time.monotonic() - started < 30, "not a hang"
+    err = done.stderr
+    assert done.returncode == 2 and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1
     assert f"the Ray cluster at training.ray.address=127.0.0.1:{port} is not reachable" in err
     assert "Fix with the overrides: training.ray.address=''" in err
