@@ -101,6 +101,18 @@ def holder(name: str, alias: str):
         return None
 
 
+def _version_or_none(name: str, version: int | None):
+    """Version `version` of `name`, or None where there is none (deleted in the MLflow UI)."""
+    from mlflow.exceptions import MlflowException
+
+    if version is None:
+        return None
+    try:
+        return client().get_model_version(name, str(version))
+    except MlflowException:
+        return None
+
+
 def clear_legacy_stages(name: str) -> None:
     """Archive versions left in a legacy stage by an older squadtune, so `models:/NAME/Production`
     never serves a version the aliases no longer name."""
@@ -134,11 +146,13 @@ def reconcile(name: str) -> list[Event]:
         now = int(current.version) if current else None
         if now == known:
             continue
-        was = client().get_model_version(name, str(known)) if known is not None else None
+        was = _version_or_none(name, known)
+        gone = " (since deleted from the registry)" if known is not None and was is None else ""
         event = _move(history.OUT_OF_BAND, name, alias, current, was, (
             f"@{alias} was moved outside squadtune (the MLflow UI or API) from "
-            f"{'v' + str(known) if known is not None else 'nobody'} to "
+            f"{'v' + str(known) + gone if known is not None else 'nobody'} to "
             f"{'v' + str(now) if now is not None else 'nobody'}; no gate checked it"))
+        event.previous_version = known
         event.actor = "unknown (outside squadtune)"
         append(event)
         log.warning("%s: %s", name, event.reason)

@@ -202,6 +202,21 @@ def test_a_move_made_outside_squadtune_is_recorded_before_the_next_one(store, pr
     assert prefect_events("squadtune.model.moved-out-of-band", 1)
 
 
+def test_a_version_deleted_while_it_held_staging_is_recorded_and_the_gate_goes_on(
+        store, prefect_harness):
+    staged(1)
+    store.delete_model_version(NAME, "1")  # MLflow UI: "Delete" on the version's page
+    verdict = review.judge(NAME, 2, "staging", Gate(rule="mean"), move=True)
+    assert verdict.moved
+    assert verdict.out_of_band == [
+        "@staging was moved outside squadtune (the MLflow UI or API) from v1 (since deleted "
+        "from the registry) to nobody; no gate checked it"]
+    assert rows("action", "alias", "version", "previous_version") == [
+        ("promote", "staging", 1, None), ("out-of-band", "staging", None, 1),
+        ("promote", "staging", 2, None)]
+    assert holders(store) == (2, None)
+
+
 def waiting_request(version: int):
     """An approval run waiting for an answer, as the approve deployment leaves one."""
     from prefect.client.orchestration import get_client

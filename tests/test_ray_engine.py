@@ -53,9 +53,11 @@ def with_values(raw: dict, **dotted) -> dict:
 def keys(small_squad_file, tmp_path_factory):
     raw = tiny_config_dict(small_squad_file, tmp_path_factory.mktemp("ray-keys") / "state")
     raw["registry"]["model_name"] = "squadtune-test-ray-keys"
-    return raw, stage_keys(raw)
+    return raw, stage_keys(raw, VOCAB)
 
 
+# The keys read the tokenizer's size from the tokenized stage's output; any one size, on both sides.
+VOCAB = 50_259
 RAY = "training__ray__"
 
 
@@ -74,14 +76,14 @@ RAY = "training__ray__"
 ])
 def test_where_training_runs_enters_the_key_only_through_the_global_batch(keys, change, expected):
     raw, before = keys
-    after = stage_keys(with_values(raw, **change))
+    after = stage_keys(with_values(raw, **change), VOCAB)
     assert {stage for stage in STAGES if after[stage] != before[stage]} == expected
 
 
 def test_the_same_global_batch_on_any_engine_is_the_same_training_key(keys):
     raw, _ = keys
-    ray = stage_keys(with_values(raw, training__engine="ray", **{f"{RAY}num_workers": 2}))
-    torchrun = stage_keys(with_values(raw, training__nproc_per_node=2))
+    ray = stage_keys(with_values(raw, training__engine="ray", **{f"{RAY}num_workers": 2}), VOCAB)
+    torchrun = stage_keys(with_values(raw, training__nproc_per_node=2), VOCAB)
     assert ray[TRAIN] == torchrun[TRAIN]
 
 
