@@ -208,6 +208,9 @@ def up(args) -> None:
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "SQUADTUNE_ROOT": str(ROOT),
     }
+    if settings["backend"] == "postgres":
+        # The Prefect API answers 500 while its database restarts: clients retry, as MLflow's do.
+        client_env["PREFECT_CLIENT_RETRY_EXTRA_CODES"] = "500"
     for pool in args.pools:
         svc.start(
             f"worker-{pool}",
