@@ -52,9 +52,14 @@ test-gpu: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-## up: Prefect server, lean MLflow server and a worker per local pool, on 127.0.0.1
+## up: Prefect server, lean MLflow server and a worker per local pool, on 127.0.0.1 and SQLite.
+## For a team (README, Operations): BACKEND=postgres (a cluster in the state dir, or
+## DATABASE_URL=postgresql://USER@HOST:PORT with the password in PGPASSWORD),
+## ARTIFACTS=s3://BUCKET/PATH, BIND=0.0.0.0 (needs the credentials in the environment)
 up: $(STAMP)
-	$(BIN)/python deployments/servers.py up
+	$(BIN)/python deployments/servers.py up $(if $(BACKEND),--backend $(BACKEND)) \
+		$(if $(DATABASE_URL),--database-url $(DATABASE_URL)) \
+		$(if $(ARTIFACTS),--mlflow-artifacts $(ARTIFACTS)) $(if $(BIND),--host $(BIND))
 
 ## deploy: register deployments/prefect.yaml's deployments with the server `make up` started
 deploy: $(STAMP) data/heldout.json
@@ -68,7 +73,8 @@ data/heldout.json: | $(STAMP)
 	$(BIN)/python -m flows.sample_squad ../shared/data/squad/dev-v1.1.json.gz $@ \
 		--questions 40 --article 0
 
-## down: stop exactly the processes `make up` started
+## down: stop exactly the processes `make up` started (its PostgreSQL too); `make up` again finds
+## the same data
 down:
 	$(BIN)/python deployments/servers.py down
 

@@ -5,16 +5,19 @@ and a data watcher per retraining deployment.
     python deployments/servers.py down    # stops exactly what `up` started (pid files)
     python deployments/servers.py status
 
-Everything binds 127.0.0.1. State lives under the state dir (default `.squadtune`): the Prefect
-server's SQLite database, MLflow's SQLite store and artifact folder, and `servers/` with each
-process's pid file and log, plus `servers/env` with the variables that point clients at them.
-PostgreSQL and object stores: see the README (`--mlflow-backend`, `--mlflow-artifacts`).
+Everything binds 127.0.0.1 unless `--host` says otherwise, which needs credentials
+(`deployments/team.py`). State lives under the state dir (default `.squadtune`): the databases
+(SQLite files, or with `--backend postgres` a PostgreSQL cluster in `postgres/` or a team's server,
+`deployments/postgres.py`), MLflow's artifact folder unless `--mlflow-artifacts s3://...`, and
+`servers/` with each process's pid file and log, `settings.json` (where the data lives, so that the
+next `up` finds it) and `env` with the variables that point clients at the servers.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -27,6 +30,24 @@ from flows import worker_logging
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+if str(ROOT) not in sys.path:  # run as a script: `python deployments/servers.py`
+    sys.path.insert(0, str(ROOT))
+
+from deployments.postgres import (  # noqa: E402
+    Cluster,
+    PostgresError,
+    Server,
+    choose_settings,
+    database_of,
+    start_database,
+)
+from deployments.team import Credentials, Exposure, check_bucket  # noqa: E402
+
+
+def refuse(message: str) -> None:
+    """A setting the user fixes: one line, exit status 2, before anything starts."""
+    print(f"servers.py: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def wait_http(url: str, seconds: float, proc: subprocess.Popen | None, log: Path) -> None:
@@ -50,6 +71,15 @@ class Services:
 
     def pid_file(self, name: str) -> Path:
         return self.run_dir / f"{name}.pid"
+
+    def settings(self) -> dict:
+        """Where the data lives, as the first `up` chose it."""
+        path = self.run_dir / "settings.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def database(self) -> Server | None:
+        """The PostgreSQL server the state dir's servers use, or None for SQLite."""
+        return database_of(self.settings(), self.state)
 
     def running(self, name: str) -> int | None:
         """The pid of our `name` process if it is alive and still the command we started."""
@@ -99,42 +129,80 @@ class Services:
         return True
 
 
-def prefect_server(svc: Services, port: int) -> None:
-    """Start the Prefect server on its SQLite database in the state dir, and wait for it."""
-    url = f"http://127.0.0.1:{port}"
+def prefect_server(svc: Services, port: int, exposure: Exposure | None = None) -> None:
+    """Start the Prefect server on the state dir's database, and wait for it."""
+    exposure = exposure or Exposure.of("127.0.0.1", None)
+    server = svc.database()
+    database = (server.url("prefect", "asyncpg") if server
+                else f"sqlite+aiosqlite:///{svc.state / 'prefect-server.db'}")
     env = {
         "PREFECT_HOME": str(svc.state / "prefect-home"),
-        "PREFECT_API_DATABASE_CONNECTION_URL":
-            f"sqlite+aiosqlite:///{svc.state / 'prefect-server.db'}",
+        "PREFECT_API_DATABASE_CONNECTION_URL": database,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_API_URL": f"{url}/api",
+        "PREFECT_UI_API_URL": f"http://{exposure.public}:{port}/api",
         "DO_NOT_TRACK": "1",
+        **(server.env if server else {}),
+        **Credentials.from_env().prefect_env(),
     }
     proc, log = svc.start(
         "prefect-server",
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        [str(BIN / "prefect"), "server", "start", "--host", exposure.bind, "--port", str(port)],
         env, f"--port {port}",
     )
-    wait_http(f"{url}/api/health", 120, proc, log)
+    wait_http(f"http://{exposure.local}:{port}/api/health", 120, proc, log)
+
+
+def mlflow_server(svc: Services, args, exposure: Exposure) -> str:
+    """Start MLflow on the state dir's store and artifact destination (with its basic-auth app
+    when squadtune's account is set), wait for it, and return its URL."""
+    server, state, creds = svc.database(), svc.state, Credentials.from_env()
+    backend = args.mlflow_backend or (
+        server.url("mlflow") if server else f"sqlite:///{state / 'mlflow.db'}")
+    auth_db = server.url("mlflow_auth") if server else f"sqlite:///{state / 'mlflow-auth.db'}"
+    auth_args, auth_env = creds.mlflow_server(svc.run_dir, auth_db)
+    port = args.mlflow_port
+    proc, log = svc.start(
+        "mlflow-server",
+        [str(BIN / "mlflow"), "server", "--host", exposure.bind, "--port", str(port),
+         "--workers", "1", "--artifacts-destination", svc.settings()["artifacts"],
+         *auth_args, *exposure.mlflow_args(port)],
+        {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
+         # In the environment, not on the command line: a team's URL may hold a password.
+         "MLFLOW_BACKEND_STORE_URI": backend, **(server.env if server else {}), **auth_env},
+        f"--port {port}",
+    )
+    url = f"http://{exposure.local}:{port}"
+    wait_http(f"{url}/health", 120, proc, log)
+    problem = creds.check_mlflow_login(url)
+    if problem:
+        refuse(problem)
+    return url
 
 
 def up(args) -> None:
     svc = Services(args.state_dir)
+    problem = Credentials.from_env().refusal(args.host)
+    if problem:
+        refuse(problem)
+    exposure = Exposure.of(args.host, args.public_host)
+    svc.state.mkdir(parents=True, exist_ok=True)
+    svc.run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        running = [p.stem for p in svc.run_dir.glob("*.pid") if svc.running(p.stem)]
+        settings = choose_settings(args, svc.settings(), running, svc.state)
+        problem = check_bucket(settings["artifacts"])
+        if problem:
+            refuse(problem)
+        database, pid = start_database(settings, svc.state, args.postgres_port)
+    except PostgresError as exc:
+        refuse(str(exc))
+    if pid:  # `down` stops it, `status` shows it
+        svc.pid_file("postgres").write_text(f"{pid} {Cluster(svc.state).data}\n")
+    (svc.run_dir / "settings.json").write_text(json.dumps(settings, indent=1))
     state = svc.state
-    state.mkdir(parents=True, exist_ok=True)
-    prefect_url = f"http://127.0.0.1:{args.prefect_port}"
-    mlflow_url = f"http://127.0.0.1:{args.mlflow_port}"
-    backend = args.mlflow_backend or f"sqlite:///{state / 'mlflow.db'}"
-    artifacts = args.mlflow_artifacts or str(state / "mlartifacts")
-    prefect_server(svc, args.prefect_port)
-    proc, log = svc.start(
-        "mlflow-server",
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(args.mlflow_port),
-         "--workers", "1", "--backend-store-uri", backend, "--artifacts-destination", artifacts],
-        {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"},
-        f"--port {args.mlflow_port}",
-    )
-    wait_http(f"{mlflow_url}/health", 120, proc, log)
+    prefect_url = f"http://{exposure.local}:{args.prefect_port}"
+    prefect_server(svc, args.prefect_port, exposure)
+    mlflow_url = mlflow_server(svc, args, exposure)
     client_env = {
         "PREFECT_API_URL": f"{prefect_url}/api",
         "MLFLOW_TRACKING_URI": mlflow_url,
@@ -142,6 +210,9 @@ def up(args) -> None:
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "SQUADTUNE_ROOT": str(ROOT),
     }
+    if settings["backend"] == "postgres":
+        # The Prefect API answers 500 while its database restarts: clients retry, as MLflow's do.
+        client_env["PREFECT_CLIENT_RETRY_EXTRA_CODES"] = "500"
     for pool in args.pools:
         svc.start(
             f"worker-{pool}",
@@ -164,8 +235,16 @@ def up(args) -> None:
             f"--deployment {deployment}",
         )
     (svc.run_dir / "env").write_text("".join(f"export {k}={v}\n" for k, v in client_env.items()))
-    print(f"Prefect UI + API  {prefect_url}   (API {prefect_url}/api)")
-    print(f"MLflow UI + API   {mlflow_url}")
+    if database:
+        print(database)
+    public = f"http://{exposure.public}"
+    print(f"Prefect UI + API  {public}:{args.prefect_port}   (API {prefect_url}/api)")
+    print(f"MLflow UI + API   {public}:{args.mlflow_port}   (artifacts {settings['artifacts']})")
+    creds = Credentials.from_env()
+    if creds.mlflow:
+        print(f"MLflow accounts   {creds.mlflow_user} edits the registry, everyone else reads")
+    if creds.prefect or creds.mlflow:
+        print("credentials       clients read them from their environment, never from a file")
     print(f"workers           {', '.join(args.pools)} (process pools)")
     if args.watch:
         print(f"data watchers     {', '.join(args.watch)} (announce changes of their data)")
@@ -175,9 +254,16 @@ def up(args) -> None:
 def down(args) -> None:
     svc = Services(args.state_dir)
     names = sorted(p.stem for p in svc.run_dir.glob("*.pid")) if svc.run_dir.exists() else []
-    # Watchers and workers first, so no flow run starts while the servers go away.
-    for name in sorted(names, key=lambda n: not n.startswith(("worker-", "watch-"))):
-        print(f"{name}: {'stopped' if svc.stop(name) else 'was not running'}")
+    # Watchers and workers first, so no flow run starts while the servers go away; the database
+    # last, once nothing uses it.
+    for name in sorted(names, key=lambda n: (n == "postgres", not n.startswith(("worker-",
+                                                                               "watch-")))):
+        if name == "postgres":
+            stopped = Cluster(svc.state).stop()
+            svc.pid_file(name).unlink(missing_ok=True)
+        else:
+            stopped = svc.stop(name)
+        print(f"{name}: {'stopped' if stopped else 'was not running'}")
     (svc.run_dir / "env").unlink(missing_ok=True)
 
 
@@ -200,10 +286,26 @@ def main() -> None:
                         help="deployments whose training data `squadtune watch` follows")
     parser.add_argument("--watch-refresh", type=float, default=60,
                         help="seconds between the watchers' reads of their deployment's config")
+    parser.add_argument("--backend", choices=["sqlite", "postgres"], default=None,
+                        help="the servers' databases (default: what the state dir used before, "
+                        "else sqlite); postgres: a cluster in <state>/postgres unless "
+                        "--database-url")
+    parser.add_argument("--database-url", default=os.environ.get("SQUADTUNE_DATABASE_URL"),
+                        help="a team's PostgreSQL server, postgresql://USER@HOST:PORT (password "
+                        "in PGPASSWORD); its databases prefect, mlflow, mlflow_auth are used")
+    parser.add_argument("--postgres-port", type=int, default=None,
+                        help="port of the state dir's own cluster when it is created (default: "
+                        "a free one, kept)")
     parser.add_argument("--mlflow-backend", default=None,
-                        help="e.g. postgresql://user:pw@127.0.0.1/mlflow (default: SQLite)")
+                        help="MLflow's store alone, e.g. postgresql://user@host/mlflow")
     parser.add_argument("--mlflow-artifacts", default=None,
-                        help="e.g. s3://bucket/mlflow (default: <state>/mlartifacts)")
+                        help="e.g. s3://bucket/mlflow, endpoint from MLFLOW_S3_ENDPOINT_URL "
+                        "(default: <state>/mlartifacts)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address the servers bind; anything but loopback needs credentials")
+    parser.add_argument("--public-host", default=None,
+                        help="the name other machines and browsers use (default: --host, or "
+                        "this machine's name for 0.0.0.0)")
     args = parser.parse_args()
     {"up": up, "down": down, "status": status}[args.command](args)
 

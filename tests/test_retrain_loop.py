@@ -24,6 +24,7 @@ import pytest
 
 from flows.sample_squad import sample
 from tests.conftest import ROOT, SQUAD_DEV, tiny_config_dict
+from tests.teamservers import server_folder
 from tests.test_deployments import free_port
 
 pytestmark = pytest.mark.slow
@@ -33,11 +34,12 @@ HELDOUT, FIRST, SECOND = 40, 41, 42  # dev articles no other test uses
 SENTINEL = "squadtune.test.sentinel"
 
 
-@pytest.fixture(scope="module")
-def loop(tmp_path_factory):
+# Every test runs against `make up` and against `make up BACKEND=postgres`.
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def loop(request, tmp_path_factory):
     """`servers.py up` (with its data watcher), `prefect deploy --all`, and the retrain
     deployment's run form pointed at this test's directories, as a user edits it in the UI."""
-    root = tmp_path_factory.mktemp("loop")
+    root = server_folder(request, tmp_path_factory, request.param, "loop")
     state, incoming = root / "state", root / "incoming"
     incoming.mkdir()
     with gzip.open(SQUAD_DEV, "rt") as fh:
@@ -47,8 +49,8 @@ def loop(tmp_path_factory):
     servers = [sys.executable, str(ROOT / "deployments" / "servers.py")]
     subprocess.run([*servers, "up", "--state-dir", str(state), "--prefect-port",
                     str(ports["prefect"]), "--mlflow-port", str(ports["mlflow"]),
-                    "--worker-poll-seconds", "1", "--watch-refresh", "2"],
-                   check=True, cwd=ROOT, timeout=300)
+                    "--worker-poll-seconds", "1", "--watch-refresh", "2",
+                    "--backend", request.param], check=True, cwd=ROOT, timeout=300)
     env = {**os.environ}
     for line in (state / "servers" / "env").read_text().splitlines():
         key, _, value = line.removeprefix("export ").partition("=")

@@ -1,0 +1,39 @@
+"""Helpers for tests of `make up`'s servers on SQLite or PostgreSQL: a folder a PostgreSQL cluster
+can live under, its processes, and Prefect's auth header.
+
+Under root, PostgreSQL runs as `nobody`, who must be able to enter every folder above its data;
+pytest's own temporary folders (`/tmp/pytest-of-root`, mode 700) do not let it, so the PostgreSQL
+tests keep their state in a folder of their own under the system's temporary directory.
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import tempfile
+from pathlib import Path
+
+import psutil
+
+
+def server_folder(request, tmp_path_factory, backend: str, name: str) -> Path:
+    """A folder for a test's servers and data: pytest's for SQLite; for PostgreSQL one it can
+    enter (as `nobody` under root), removed when the requesting fixture or test ends."""
+    if backend == "sqlite":
+        return tmp_path_factory.mktemp(name)
+    root = Path(tempfile.mkdtemp(prefix=f"squadtune-{name}-"))
+    root.chmod(0o755)
+    request.addfinalizer(lambda: shutil.rmtree(root, ignore_errors=True))
+    return root
+
+
+def postgres_processes(state: Path) -> list[psutil.Process]:
+    """The state dir's PostgreSQL: its postmaster and every process it started."""
+    pid = int((state / "postgres" / "data" / "postmaster.pid").read_text().split()[0])
+    postmaster = psutil.Process(pid)
+    return [postmaster, *postmaster.children(recursive=True)]
+
+
+def basic(auth_string: str) -> dict[str, str]:
+    """The header Prefect's clients send for `PREFECT_API_AUTH_STRING`."""
+    return {"Authorization": "Basic " + base64.b64encode(auth_string.encode()).decode()}
