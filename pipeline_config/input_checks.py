@@ -24,12 +24,13 @@ def skeleton(model: ModelConfig):
     """The base model's modules on the meta device: names and types, no weights, no download
     (a hub model's config only, when it is cached or the hub answers). None when unknown."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if model.random_init is not None:
-        shape = model.random_init
-        config = GPT2Config(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd,
-                            n_positions=shape.n_positions)
+        from squadtune.architectures import random_config
+
+        shape = model.random_init  # the vocabulary's size does not change module names
+        config = random_config(shape.architecture, shape.shape(), vocab_size=50257)
     else:
         source = model.name_or_path
         source = str(Path(source).expanduser()) if looks_local(source) else source
@@ -44,6 +45,7 @@ def skeleton(model: ModelConfig):
 
 
 def lora_problems(config: PipelineConfig) -> list[Problem]:
+    from squadtune.architectures import default_targets, fan_in_fan_out
     from squadtune.modeling import matched_modules
 
     model = skeleton(config.model)
@@ -51,6 +53,11 @@ def lora_problems(config: PipelineConfig) -> list[Problem]:
         return []
     modules = dict(model.named_modules())
     patterns = config.lora.target_modules
+    if patterns is None:  # the family's attention projections
+        try:
+            patterns = default_targets(model.config.model_type)
+        except ValueError as exc:
+            return [Problem(str(exc), ("lora.target_modules=all-linear",))]
     matches = matched_modules(model, patterns)
     found = []
     empty = [p for p, names in matches.items() if not names]
@@ -70,12 +77,17 @@ def lora_problems(config: PipelineConfig) -> list[Problem]:
                 f"adapt (adaptable layers end in: {', '.join(layers)})",
                 (f"lora.target_modules=[{', '.join(kept_or(patterns, pattern, layers))}]",),
             ))
+    if not found:
+        try:
+            fan_in_fan_out(model, matches)
+        except ValueError as exc:
+            found.append(Problem(str(exc), ("lora.target_modules=all-linear",)))
     return found
 
 
-def kept_or(patterns: list[str], dropped, layers: list[str]) -> list[str]:
+def kept_or(patterns: list[str] | str, dropped, layers: list[str]) -> list[str]:
     """The patterns without the dropped ones, or the first adaptable layer when none is left."""
-    kept = [p for p in patterns if p not in dropped]
+    kept = [p for p in ([patterns] if isinstance(patterns, str) else patterns) if p not in dropped]
     return kept or layers[:1]
 
 
