@@ -430,3 +430,42 @@ def test_export_for_vllm_loads_to_the_registered_logits(architecture, tokenizer,
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max(), (got - expected).abs().max()
     assert (tmp_path / "out" / "model" / "chat_template.jinja").exists() or json.loads(
         (tmp_path / "out" / "model" / "tokenizer_config.json").read_text()).get("chat_template")
+
+
+# --- a model's own tokenizer --------------------------------------------------------------------
+
+
+def test_chat_format_on_a_sentencepiece_style_tokenizer(squad_doc):
+    """Llama 2, Mistral and Gemma tokenize SentencePiece-style (a `▁` word prefix, byte
+    fallback), not byte-level like GPT-2: the chat tokens become special tokens of such a
+    tokenizer too, and the batched encoder equals `apply_chat_template` on real questions."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizerFast
+
+    from squadtune.chat_format import ChatEncoder, add_chat_tokens, conversation
+
+    articles = squad_doc["data"][:12]
+    paragraphs = [p for a in articles for p in a["paragraphs"][:4]]
+    texts = [p["context"] for p in paragraphs] + [q["question"] for p in paragraphs
+                                                  for q in p["qas"]]
+    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=1500, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    tokenizer = LlamaTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", add_bos_token=False)
+    new = add_chat_tokens(tokenizer)
+    assert len(new) == 4 and min(new) >= 1500 and tokenizer.pad_token == "</s>"
+    rows = [(p["context"], q["question"], q["answers"][0]["text"], q["answers"][0]["answer_start"])
+            for a in squad_doc["data"][20:22] for p in a["paragraphs"] for q in p["qas"]][:80]
+    contexts, questions, answers, starts = (list(column) for column in zip(*rows, strict=True))
+    encoder = ChatEncoder(tokenizer)
+    examples = encoder.examples(contexts, questions, answers, starts, 10**6)["input_ids"]
+    prompts = encoder.prompts(contexts, questions, 10**6)
+    for i, (context, question, answer, _) in enumerate(rows):
+        assert examples[i] == tokenizer.apply_chat_template(
+            conversation(context, question, answer), return_dict=False)
+        assert prompts[i] == tokenizer.apply_chat_template(
+            conversation(context, question), add_generation_prompt=True, return_dict=False)
+    assert len(rows) == 80
