@@ -195,13 +195,24 @@ def lineage_tags(run: Run, scores: EvalResult, baseline: EvalResult, tokenized: 
     }
 
 
-def description(tags: dict[str, str]) -> str:
+def base_phrase(tags: dict[str, str]) -> str:
+    """The base model in words: `meta-llama/Llama-3.2-1B, a Llama model` or, for a random base,
+    `a random-weight Llama of 2 layers x 128 (model.random_init)`."""
     from squadtune.architectures import display_name
 
+    family = display_name(tags["squadtune.architecture"])
+    base = tags["squadtune.base_model"]
+    if base.startswith("random_init:"):
+        shape = json.loads(base.split(":", 1)[1])
+        return (f"a random-weight {family} of {shape['n_layer']} layers x {shape['n_embd']} "
+                "(model.random_init)")
+    return f"{base}, a {family} model"
+
+
+def description(tags: dict[str, str]) -> str:
     return (
-        f"LoRA adapter on {tags['squadtune.base_model']}, a "
-        f"{display_name(tags['squadtune.architecture'])} model (architecture "
-        f"{tags['squadtune.architecture']}, revision {tags['squadtune.base_revision']}). "
+        f"LoRA adapter on {base_phrase(tags)} (architecture {tags['squadtune.architecture']}, "
+        f"revision {tags['squadtune.base_revision']}). "
         f"SQuAD F1 {float(tags['eval.f1']):.2f} / "
         f"EM {float(tags['eval.exact_match']):.2f} on {tags['eval.questions']} held-out questions "
         f"(eval set {tags['eval.set_hash']}); the base model alone scored F1 "

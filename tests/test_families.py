@@ -435,26 +435,31 @@ def test_export_for_vllm_loads_to_the_registered_logits(architecture, tokenizer,
 # --- a model's own tokenizer --------------------------------------------------------------------
 
 
-def test_chat_format_on_a_sentencepiece_style_tokenizer(squad_doc):
-    """Llama 2, Mistral and Gemma tokenize SentencePiece-style (a `▁` word prefix, byte
-    fallback), not byte-level like GPT-2: the chat tokens become special tokens of such a
-    tokenizer too, and the batched encoder equals `apply_chat_template` on real questions."""
+def sentencepiece_tokenizer(squad_doc, vocab_size: int = 1500):
+    """A Llama-2-style tokenizer (SentencePiece-like `▁` word prefix, byte fallback) trained on
+    dev-set text in under a second: what a model folder of that family brings."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaTokenizerFast
 
-    from squadtune.chat_format import ChatEncoder, add_chat_tokens, conversation
-
-    articles = squad_doc["data"][:12]
-    paragraphs = [p for a in articles for p in a["paragraphs"][:4]]
+    paragraphs = [p for a in squad_doc["data"][:12] for p in a["paragraphs"][:4]]
     texts = [p["context"] for p in paragraphs] + [q["question"] for p in paragraphs
                                                   for q in p["qas"]]
     backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
     backend.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=1500, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
-    tokenizer = LlamaTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", add_bos_token=False)
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    return LlamaTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                              unk_token="<unk>", add_bos_token=False)
+
+
+def test_chat_format_on_a_sentencepiece_style_tokenizer(squad_doc):
+    """Llama 2, Mistral and Gemma tokenize SentencePiece-style, not byte-level like GPT-2: the
+    chat tokens become special tokens of such a tokenizer too, and the batched encoder equals
+    `apply_chat_template` on real questions."""
+    from squadtune.chat_format import ChatEncoder, add_chat_tokens, conversation
+
+    tokenizer = sentencepiece_tokenizer(squad_doc)
     new = add_chat_tokens(tokenizer)
     assert len(new) == 4 and min(new) >= 1500 and tokenizer.pad_token == "</s>"
     rows = [(p["context"], q["question"], q["answers"][0]["text"], q["answers"][0]["answer_start"])
@@ -469,3 +474,36 @@ def test_chat_format_on_a_sentencepiece_style_tokenizer(squad_doc):
         assert prompts[i] == tokenizer.apply_chat_template(
             conversation(context, question), add_generation_prompt=True, return_dict=False)
     assert len(rows) == 80
+
+
+def test_a_local_model_folder_with_its_own_tokenizer_runs_the_stages(squad_doc, small_squad_file,
+                                                                     tmp_path):
+    """`model.name_or_path` a local Llama folder bringing its own tokenizer (no model.tokenizer):
+    the chat tokens are added to that tokenizer, the embedding and the untied head grow by their
+    rows, LoRA takes the family's default targets, and a 4-bit run trains and answers."""
+    from pipeline_config import PipelineConfig
+    from tasks.evaluate import evaluate_adapter
+    from tasks.train import train_adapter
+    from tests.conftest import adapter_weights, build_until_lora, tiny_config_dict
+
+    folder = tmp_path / "my-llama"
+    own = sentencepiece_tokenizer(squad_doc)
+    own.save_pretrained(folder)
+    build_random("llama", shape("llama"), len(own), seed=0, logit_cap=40.0,
+                 attention_logit_std=1.0).save_pretrained(folder)
+    raw = tiny_config_dict(small_squad_file, tmp_path / "state")
+    raw["model"] = {"name_or_path": str(folder)}
+    raw["lora"] = {"lora_r": 4}
+    raw["training"].update(max_steps=2, save_steps=10)
+    raw["evaluation"].update(max_samples=4, max_new_tokens=3)
+    stages = build_until_lora(PipelineConfig.model_validate(raw), tmp_path / "state")
+    tokenized, base, lora = stages["tokenized"], stages["base"], stages["lora"]
+    assert tokenized.vocab_size == len(own) + 4 and min(tokenized.new_token_ids) == len(own)
+    assert (base.model_type, base.bundled, base.source) == ("llama", False, str(folder))
+    assert lora.target_matches == {"q_proj": 2, "v_proj": 2}
+    adapter = train_adapter.build(stages["run"], lora, tokenized, base)
+    tokens = [name for name in adapter_weights(adapter.adapter_dir) if "trainable_tokens" in name]
+    assert any("embed_tokens" in name for name in tokens)
+    assert any("lm_head" in name for name in tokens), "the untied head's chat-token rows"
+    evaluation = evaluate_adapter.build(stages["run"], tokenized, base, adapter)
+    assert evaluation.questions == 4 and len(evaluation.predictions()) == 4

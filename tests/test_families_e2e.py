@@ -83,8 +83,10 @@ def test_memorize_config_learns_on_the_family_and_is_served(architecture, tmp_pa
     client = mlflow.MlflowClient()
     version = client.get_model_version(name, str(summary["model_version"]))
     assert version.tags["squadtune.architecture"] == architecture
-    shown = {"llama": "a Llama model", "qwen2": "a Qwen2 model"}[architecture]
-    assert shown in version.description, version.description
+    family = {"llama": "Llama", "qwen2": "Qwen2"}[architecture]
+    assert version.description.startswith(
+        f"LoRA adapter on a random-weight {family} of 2 layers x 128 (model.random_init) "
+        f"(architecture {architecture}, revision local). SQuAD F1 "), version.description
     curve = sorted((m.step, m.value) for m in
                    client.get_metric_history(summary["mlflow_run_id"], "eval/f1"))
     assert curve[0][1] <= 15 and curve[-1][1] >= 90, curve
