@@ -34,10 +34,12 @@ SHARED = ROOT.parent / "shared" / "data"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def save_base(architecture: str, shape: str, vocab_size: int, path: Path) -> dict:
+def save_base(architecture: str, shape: str, vocab_size: int, path: Path,
+              kv_heads: int | None = None) -> dict:
     """A random base of the family at `shape` (layers x width, one head per 64 of width) saved
     to `path`, with plain config initialisation. GPT-2 is GPT-2 of that shape; another family
-    gets grouped-query attention (a third of the heads for key/value where it divides, else half)
+    gets grouped-query attention (`kv_heads`, by default a third of the heads where it divides, else
+    half)
     and the MLP width that makes its parameter count GPT-2's at the same shape (Llama at 12x768
     is then as large as GPT-2 small), the embedding tied to the head as in GPT-2."""
     import torch
@@ -55,8 +57,8 @@ def save_base(architecture: str, shape: str, vocab_size: int, path: Path) -> dic
     if architecture == "gpt2":
         GPT2LMHeadModel(gpt2).save_pretrained(path)
         return {"parameters": target}
-    kv = (heads // 3 if heads % 3 == 0 else max(1, heads // 2)) if architecture in \
-        GROUPED_QUERY else None
+    kv = kv_heads or ((heads // 3 if heads % 3 == 0 else max(1, heads // 2)) if architecture in
+                      GROUPED_QUERY else None)
     fields = {"n_layer": layers, "n_head": heads, "n_embd": width, "n_positions": 1024,
               "n_kv_head": kv, "tie_word_embeddings": True}
 
@@ -74,13 +76,14 @@ def save_base(architecture: str, shape: str, vocab_size: int, path: Path) -> dic
             "n_kv_head": kv or heads}
 
 
-def build_model(architecture: str, shape: str, vocab_size: int, quantized: bool, work: Path):
+def build_model(architecture: str, shape: str, vocab_size: int, quantized: bool, work: Path,
+                kv_heads: int | None = None):
     from peft import get_peft_model
 
     from pipeline_config import LoraSettings, QuantizationConfig
     from squadtune.modeling import load_base_model, lora_config, lora_settings
 
-    info = save_base(architecture, shape, vocab_size, work / "base")
+    info = save_base(architecture, shape, vocab_size, work / "base", kv_heads)
     quant = QuantizationConfig(load_in_4bit=quantized, bnb_4bit_compute_dtype="float32")
     base = load_base_model({"source": str(work / "base"), "vocab_size": vocab_size}, quant)
     settings = lora_settings(base, LoraSettings(lora_r=32).peft_kwargs())
@@ -112,6 +115,8 @@ def main() -> None:
     parser.add_argument("--shape", default="4x256", help="layers x width; 12x768 is GPT-2 small")
     parser.add_argument("--architecture", default="gpt2",
                         help="gpt2, llama, qwen2, ... (squadtune.architectures.ARCHITECTURES)")
+    parser.add_argument("--kv-heads", type=int, default=None,
+                        help="key/value heads of a grouped-query family (default: a third)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--max-prompt-tokens", type=int, default=384)
@@ -136,7 +141,7 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         model, base_info = build_model(args.architecture, args.shape, len(tokenizer),
-                                       args.quantized, Path(tmp))
+                                       args.quantized, Path(tmp), args.kv_heads)
 
     def run(batch_size: int, shared: bool, n: int = len(rows)) -> tuple[float, list[str]]:
         start = time.perf_counter()

@@ -88,6 +88,8 @@ def main() -> None:
     parser.add_argument("--architecture", default="gpt2",
                         help="gpt2, llama, qwen2, ...: another family of GPT-2's parameter count "
                         "at the same shape (bench/eval.py's save_base)")
+    parser.add_argument("--kv-heads", type=int, default=None,
+                        help="key/value heads of a grouped-query family (default: a third)")
     parser.add_argument("--kinds", default="seed,squadtune,shared",
                         help="which of seed, squadtune, shared to train (squadtune is needed "
                         "for both speed-ups)")
@@ -135,7 +137,8 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        base_info = save_base(args.architecture, args.shape, len(tokenizer), work / "base")
+        base_info = save_base(args.architecture, args.shape, len(tokenizer), work / "base",
+                              args.kv_heads)
         for kind, dataset in (("seed", seed), ("squadtune", ours), ("shared", shared)):
             if kind not in kinds:
                 continue

@@ -52,22 +52,24 @@ def lora_problems(config: PipelineConfig) -> list[Problem]:
     if model is None:
         return []
     modules = dict(model.named_modules())
-    patterns = config.lora.target_modules
-    if patterns is None:  # the family's attention projections
-        try:
-            patterns = default_targets(model.config.model_type)
-        except ValueError as exc:
+    try:  # the family's attention projections: the default, and the fix to suggest
+        family = default_targets(model.config.model_type)
+    except ValueError as exc:
+        family = None
+        if config.lora.target_modules is None:
             return [Problem(str(exc), ("lora.target_modules=all-linear",))]
+    patterns = config.lora.target_modules or family
     matches = matched_modules(model, patterns)
     found = []
     empty = [p for p, names in matches.items() if not names]
     layers = sorted({n.split(".", 3)[-1] for n, m in modules.items()
                      if type(m).__name__ in LORA_LAYERS and "." in n})
+    suggest = family or layers
     if empty:
         found.append(Problem(
             f"lora.target_modules {empty} match no module of the base model (its adaptable "
             f"layers end in: {', '.join(layers)})",
-            (f"lora.target_modules=[{', '.join(kept_or(patterns, empty, layers))}]",),
+            (f"lora.target_modules=[{', '.join(kept_or(patterns, empty, suggest))}]",),
         ))
     for pattern, names in matches.items():
         other = sorted({type(modules[n]).__name__ for n in names} - LORA_LAYERS)
@@ -75,7 +77,7 @@ def lora_problems(config: PipelineConfig) -> list[Problem]:
             found.append(Problem(
                 f"lora.target_modules entry {pattern!r} matches a {other[0]}, which LoRA cannot "
                 f"adapt (adaptable layers end in: {', '.join(layers)})",
-                (f"lora.target_modules=[{', '.join(kept_or(patterns, pattern, layers))}]",),
+                (f"lora.target_modules=[{', '.join(kept_or(patterns, pattern, suggest))}]",),
             ))
     if not found:
         try:
@@ -86,7 +88,8 @@ def lora_problems(config: PipelineConfig) -> list[Problem]:
 
 
 def kept_or(patterns: list[str] | str, dropped, layers: list[str]) -> list[str]:
-    """The patterns without the dropped ones, or the first adaptable layer when none is left."""
+    """The patterns without the dropped ones, or the first suggested layer (the family's first
+    attention projection) when none is left."""
     kept = [p for p in ([patterns] if isinstance(patterns, str) else patterns) if p not in dropped]
     return kept or layers[:1]
 

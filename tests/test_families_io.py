@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline_config import load_config
-from squadtune.architectures import ARCHITECTURES, build_random
+from squadtune.architectures import ARCHITECTURES, build_random, default_targets
 from tests.test_families import new_ids, shape, tiny_base, tiny_lora  # noqa: F401 (a fixture)
 
 # --- config and preflight -----------------------------------------------------------------------
@@ -42,7 +42,7 @@ def test_preflight_checks_the_targets_against_the_family(architecture):
         (problem,) = lora_problems(load_config("memorize",
                                                [*family, "lora.target_modules=[attn.c_attn]"]))
         assert "['attn.c_attn'] match no module of the base model" in problem.what
-        assert any(name in problem.what for name in ("q_proj", "qkv_proj", "query_key_value"))
+        assert problem.fixes == (f"lora.target_modules=[{default_targets(architecture)[0]}]",)
 
 
 @pytest.mark.parametrize(("preset", "architecture"), [("llama_demo", "llama"),
