@@ -139,7 +139,8 @@ def log_and_register(run: Run, artifacts: dict[str, str], out: Path,
             code_paths=stage_code(out),
             signature=signature(config.evaluation),
             pip_requirements=pip_requirements(config.quantization.enabled),
-            tags={key: tags[key] for key in ("squadtune.adapter_key", "squadtune.architecture")},
+            tags={key: tags[key] for key in ("squadtune.adapter_key", "squadtune.architecture")
+                  if key in tags},
         )
     mv = mlflow.register_model(info.model_uri, name, tags=tags)
     client.update_model_version(name, mv.version, description=description(tags))
@@ -200,8 +201,10 @@ def base_phrase(tags: dict[str, str]) -> str:
     `a random-weight Llama of 2 layers x 128 (model.random_init)`."""
     from squadtune.architectures import display_name
 
-    family = display_name(tags["squadtune.architecture"])
     base = tags["squadtune.base_model"]
+    if "squadtune.architecture" not in tags:  # lineage written before architectures were tagged
+        return base
+    family = display_name(tags["squadtune.architecture"])
     if base.startswith("random_init:"):
         shape = json.loads(base.split(":", 1)[1])
         return (f"a random-weight {family} of {shape['n_layer']} layers x {shape['n_embd']} "
@@ -210,9 +213,11 @@ def base_phrase(tags: dict[str, str]) -> str:
 
 
 def description(tags: dict[str, str]) -> str:
+    architecture = tags.get("squadtune.architecture")
     return (
-        f"LoRA adapter on {base_phrase(tags)} (architecture {tags['squadtune.architecture']}, "
-        f"revision {tags['squadtune.base_revision']}). "
+        f"LoRA adapter on {base_phrase(tags)} ("
+        + (f"architecture {architecture}, " if architecture else "")
+        + f"revision {tags['squadtune.base_revision']}). "
         f"SQuAD F1 {float(tags['eval.f1']):.2f} / "
         f"EM {float(tags['eval.exact_match']):.2f} on {tags['eval.questions']} held-out questions "
         f"(eval set {tags['eval.set_hash']}); the base model alone scored F1 "
