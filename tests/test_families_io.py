@@ -180,8 +180,8 @@ def test_a_local_model_folder_with_its_own_tokenizer_runs_the_stages(squad_doc, 
     raw = tiny_config_dict(small_squad_file, tmp_path / "state")
     raw["model"] = {"name_or_path": str(folder)}
     raw["lora"] = {"lora_r": 4}
-    raw["training"].update(max_steps=2, save_steps=10)
-    raw["evaluation"].update(max_samples=4, max_new_tokens=3)
+    raw["training"].update(max_steps=1, save_steps=10)
+    raw["evaluation"].update(max_samples=2, max_new_tokens=2)
     stages = build_until_lora(PipelineConfig.model_validate(raw), tmp_path / "state")
     tokenized, base, lora = stages["tokenized"], stages["base"], stages["lora"]
     assert tokenized.vocab_size == len(own) + 4 and min(tokenized.new_token_ids) == len(own)
@@ -192,4 +192,4 @@ def test_a_local_model_folder_with_its_own_tokenizer_runs_the_stages(squad_doc, 
     assert any("embed_tokens" in name for name in tokens)
     assert any("lm_head" in name for name in tokens), "the untied head's chat-token rows"
     evaluation = evaluate_adapter.build(stages["run"], tokenized, base, adapter)
-    assert evaluation.questions == 4 and len(evaluation.predictions()) == 4
+    assert evaluation.questions == 2 and len(evaluation.predictions()) == 2
