@@ -32,8 +32,9 @@ CONFIG_CLASSES = {
 ARCHITECTURES = tuple(CONFIG_CLASSES)
 DISPLAY_NAMES = {"gpt2": "GPT-2", "llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3",
                  "mistral": "Mistral", "phi3": "Phi-3", "opt": "OPT", "gpt_neox": "GPT-NeoX",
-                 "gemma": "Gemma", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3"}
-SHARED_PREFIX_FAMILIES = frozenset(ARCHITECTURES) | {"gemma3_text"}
+                 "gemma": "Gemma", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3",
+                 "qwen3_moe": "Qwen3-MoE", "mixtral": "Mixtral", "phi": "Phi"}
+SHARED_PREFIX_FAMILIES = frozenset(ARCHITECTURES)
 GATED_MLP = frozenset({"llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2"})
 GROUPED_QUERY = GATED_MLP  # the families whose configs take num_key_value_heads
 SLIDING_WINDOW = frozenset({"qwen2", "qwen3", "mistral", "phi3", "gemma2"})
