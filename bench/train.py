@@ -1,10 +1,13 @@
 """Training throughput: the train stage against the seed recipe, same model, examples and run.
 
     .venv/bin/python bench/train.py [--steps 20] [--shape 4x256] [--quantized]
+                                    [--architecture gpt2] [--kinds seed,squadtune,shared]
 
-Both train the same LoRA (r=32 on attn.c_attn + attn.c_proj, the new chat tokens trainable) on the
-same GPT-2-shaped base (random weights, the real vocabulary) with `transformers.Trainer`, for the
-same number of steps of the same batch size, drawing from the same SQuAD dev examples:
+All train the same LoRA (r=32 on the family's attention projections: attn.c_attn + attn.c_proj
+for GPT-2, q_proj + v_proj for Llama; the new chat tokens trainable) on the same base (GPT-2 of
+the shape, or with --architecture another family of the same parameter count, random weights,
+the real vocabulary) with `transformers.Trainer`, for the same number of steps of the same batch
+size, drawing from the same SQuAD dev examples:
 
 * seed: the seed recipe's data (every example padded to 512 tokens, `bench/data.py`), every
   non-padding token in the loss, the LM head over all 512 positions;
@@ -70,8 +73,8 @@ def make_trainer(kind: str, model, dataset, tokenizer, steps: int, batch: int, w
         # The seed's collator: labels = input_ids with padding (EOS) masked.
         collate = DataCollatorForLanguageModeling(tokenizer, mlm=False)
         return Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate)
-    collate = (shared_training.PackedCollator(tokenizer.pad_token_id, 8) if kind == "shared"
-               else collator(tokenizer, 8))
+    collate = (shared_training.packed_collator(model.config, tokenizer.pad_token_id, 8)
+               if kind == "shared" else collator(tokenizer, 8))
     return answer_only_trainer()(
         model=model, args=args, train_dataset=dataset, data_collator=collate,
     )
@@ -82,6 +85,14 @@ def main() -> None:
     parser.add_argument("--squad", default=str(SHARED / "squad" / "dev-v1.1.json.gz"))
     parser.add_argument("--tokenizer", default=str(SHARED / "gpt2-tokenizer"))
     parser.add_argument("--shape", default="4x256", help="layers x width; 12x768 is GPT-2 small")
+    parser.add_argument("--architecture", default="gpt2",
+                        help="gpt2, llama, qwen2, ...: another family of GPT-2's parameter count "
+                        "at the same shape (bench/eval.py's save_base)")
+    parser.add_argument("--kv-heads", type=int, default=None,
+                        help="key/value heads of a grouped-query family (default: a third)")
+    parser.add_argument("--kinds", default="seed,squadtune,shared",
+                        help="which of seed, squadtune, shared to train (squadtune is needed "
+                        "for both speed-ups)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--quantized", action="store_true", help="4-bit NF4 base (QLoRA)")
@@ -91,16 +102,17 @@ def main() -> None:
     import torch
     from datasets import Dataset
     from peft import get_peft_model
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     from bench.data import seed_preprocess
-    from bench.eval import paragraph_sample
+    from bench.eval import paragraph_sample, save_base
     from pipeline_config import DataConfig, LoraSettings, ModelConfig, QuantizationConfig
+    from squadtune.architectures import new_token_layers
     from squadtune.chat_format import USER
     from squadtune.modeling import (
         count_parameters,
         load_base_model,
         lora_config,
+        lora_settings,
         prepare_for_training,
     )
     from squadtune.shared_training import pack_paragraphs
@@ -121,20 +133,22 @@ def main() -> None:
     shared = pack_paragraphs(ours, 2 * data.max_seq_len, tokenizer.convert_tokens_to_ids(USER))
     seed = seed_preprocess(examples, chat_tokenizer(model_cfg)[0])
     quant = QuantizationConfig(load_in_4bit=args.quantized, bnb_4bit_compute_dtype="float32")
-    layers, width = (int(x) for x in args.shape.split("x"))
+    kinds = args.kinds.split(",")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        torch.manual_seed(0)
-        GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_layer=layers, n_embd=width,
-                                   n_head=max(1, width // 64))).save_pretrained(work / "base")
+        base_info = save_base(args.architecture, args.shape, len(tokenizer), work / "base",
+                              args.kv_heads)
         for kind, dataset in (("seed", seed), ("squadtune", ours), ("shared", shared)):
+            if kind not in kinds:
+                continue
             base = load_base_model({"source": str(work / "base"), "vocab_size": len(tokenizer)},
                                    quant)
+            settings = lora_settings(base, LoraSettings(lora_r=32).peft_kwargs())
+            tokens = new_token_layers(base, new_ids)
             base = prepare_for_training(base, gradient_checkpointing=False)
             torch.manual_seed(0)
-            model = get_peft_model(base, lora_config(LoraSettings(lora_r=32).peft_kwargs(),
-                                                     new_ids))
+            model = get_peft_model(base, lora_config(settings, tokens))
             trainer = make_trainer(kind, model, dataset, tokenizer, args.steps, args.batch_size,
                                    work, args.bf16)
             start = time.perf_counter()
@@ -149,34 +163,39 @@ def main() -> None:
                              "steps": trainer.state.global_step}
             params = count_parameters(model)["total"]
             del trainer, model, base
+    def ratio(a: str, b: str, key: str):
+        return round(results[a][key] / results[b][key], 2) if {a, b} <= results.keys() else None
+
+    def figure(kind: str, key: str, digits: int = 1):
+        return round(results[kind][key], digits) if kind in results else None
+
     result = {
         "bench": "train",
         "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "architecture": args.architecture,
         "shape": args.shape,
+        **base_info,
         "quantized": args.quantized,
         "steps": args.steps,
         "batch_size": args.batch_size,
-        "seed_tokens_per_s": round(results["seed"]["tokens_per_s"], 1),
-        "squadtune_tokens_per_s": round(results["squadtune"]["tokens_per_s"], 1),
-        "speedup": round(results["squadtune"]["tokens_per_s"] / results["seed"]["tokens_per_s"],
-                         2),
+        "seed_tokens_per_s": figure("seed", "tokens_per_s"),
+        "squadtune_tokens_per_s": figure("squadtune", "tokens_per_s"),
+        "speedup": ratio("squadtune", "seed", "tokens_per_s"),
         "goal_speedup": 3,
-        "seed_seconds": round(results["seed"]["seconds"], 1),
-        "squadtune_seconds": round(results["squadtune"]["seconds"], 1),
+        "seed_seconds": figure("seed", "seconds"),
+        "squadtune_seconds": figure("squadtune", "seconds"),
         "examples": len(ours),
         "packed_rows": len(shared),
-        "squadtune_examples_per_s": round(results["squadtune"]["examples_per_s"], 2),
-        "shared_examples_per_s": round(results["shared"]["examples_per_s"], 2),
-        "shared_prefix_speedup": round(
-            results["shared"]["examples_per_s"] / results["squadtune"]["examples_per_s"], 2
-        ),
+        "squadtune_examples_per_s": figure("squadtune", "examples_per_s", 2),
+        "shared_examples_per_s": figure("shared", "examples_per_s", 2),
+        "shared_prefix_speedup": ratio("shared", "squadtune", "examples_per_s"),
         "goal_shared_prefix_speedup": 2.5,
-        "shared_batch_size": results["shared"]["batch"],
-        "shared_steps": results["shared"]["steps"],
-        "shared_seconds": round(results["shared"]["seconds"], 1),
+        "shared_batch_size": results.get("shared", {}).get("batch"),
+        "shared_steps": results.get("shared", {}).get("steps"),
+        "shared_seconds": figure("shared", "seconds"),
         "parameters": params,
     }
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and "squadtune" in results:
         # LoRA training costs ~4 x parameters FLOPs per token (forward, and backward through
         # activations but not into the frozen weights).
         peak = float(os.environ.get("PEAK_TFLOPS", "989")) * 1e12

@@ -24,12 +24,13 @@ def skeleton(model: ModelConfig):
     """The base model's modules on the meta device: names and types, no weights, no download
     (a hub model's config only, when it is cached or the hub answers). None when unknown."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if model.random_init is not None:
-        shape = model.random_init
-        config = GPT2Config(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd,
-                            n_positions=shape.n_positions)
+        from squadtune.architectures import random_config
+
+        shape = model.random_init  # the vocabulary's size does not change module names
+        config = random_config(shape.architecture, shape.shape(), vocab_size=50257)
     else:
         source = model.name_or_path
         source = str(Path(source).expanduser()) if looks_local(source) else source
@@ -44,23 +45,31 @@ def skeleton(model: ModelConfig):
 
 
 def lora_problems(config: PipelineConfig) -> list[Problem]:
+    from squadtune.architectures import default_targets, fan_in_fan_out
     from squadtune.modeling import matched_modules
 
     model = skeleton(config.model)
     if model is None:
         return []
     modules = dict(model.named_modules())
-    patterns = config.lora.target_modules
+    try:  # the family's attention projections: the default, and the fix to suggest
+        family = default_targets(model.config.model_type)
+    except ValueError as exc:
+        family = None
+        if config.lora.target_modules is None:
+            return [Problem(str(exc), ("lora.target_modules=all-linear",))]
+    patterns = config.lora.target_modules or family
     matches = matched_modules(model, patterns)
     found = []
     empty = [p for p, names in matches.items() if not names]
     layers = sorted({n.split(".", 3)[-1] for n, m in modules.items()
                      if type(m).__name__ in LORA_LAYERS and "." in n})
+    suggest = family or layers
     if empty:
         found.append(Problem(
             f"lora.target_modules {empty} match no module of the base model (its adaptable "
             f"layers end in: {', '.join(layers)})",
-            (f"lora.target_modules=[{', '.join(kept_or(patterns, empty, layers))}]",),
+            (f"lora.target_modules=[{', '.join(kept_or(patterns, empty, suggest))}]",),
         ))
     for pattern, names in matches.items():
         other = sorted({type(modules[n]).__name__ for n in names} - LORA_LAYERS)
@@ -68,14 +77,20 @@ def lora_problems(config: PipelineConfig) -> list[Problem]:
             found.append(Problem(
                 f"lora.target_modules entry {pattern!r} matches a {other[0]}, which LoRA cannot "
                 f"adapt (adaptable layers end in: {', '.join(layers)})",
-                (f"lora.target_modules=[{', '.join(kept_or(patterns, pattern, layers))}]",),
+                (f"lora.target_modules=[{', '.join(kept_or(patterns, pattern, suggest))}]",),
             ))
+    if not found:
+        try:
+            fan_in_fan_out(model, matches)
+        except ValueError as exc:
+            found.append(Problem(str(exc), ("lora.target_modules=all-linear",)))
     return found
 
 
-def kept_or(patterns: list[str], dropped, layers: list[str]) -> list[str]:
-    """The patterns without the dropped ones, or the first adaptable layer when none is left."""
-    kept = [p for p in patterns if p not in dropped]
+def kept_or(patterns: list[str] | str, dropped, layers: list[str]) -> list[str]:
+    """The patterns without the dropped ones, or the first suggested layer (the family's first
+    attention projection) when none is left."""
+    kept = [p for p in ([patterns] if isinstance(patterns, str) else patterns) if p not in dropped]
     return kept or layers[:1]
 
 

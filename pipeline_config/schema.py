@@ -297,7 +297,7 @@ class PipelineConfig(Section):
         """Human name of a run: base, rank and config hash, e.g. `gpt2-r32-1a2b3c4d`."""
         if self.model.random_init:
             ri = self.model.random_init
-            base = f"gpt2-random-{ri.n_layer}x{ri.n_embd}"
+            base = f"{ri.architecture}-random-{ri.n_layer}x{ri.n_embd}"
         else:
             base = (self.model.name_or_path or "model").rstrip("/").split("/")[-1]
         prefix = f"{self.run_name}-" if self.run_name else ""

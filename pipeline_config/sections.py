@@ -129,38 +129,99 @@ class DataConfig(Section):
         return self
 
 
-class RandomInitConfig(Section):
-    """Shape of a GPT-2 built from `GPT2Config` with random weights (tests and offline demos)."""
+Architecture = Literal[
+    "gpt2", "llama", "qwen2", "qwen3", "mistral", "phi3", "opt", "gpt_neox", "gemma", "gemma2"
+]
+# Families whose configs have no key/value head count, or no sliding window.
+NO_GROUPED_QUERY = frozenset({"gpt2", "opt", "gpt_neox"})
+SLIDING = ("qwen2", "qwen3", "mistral", "phi3", "gemma2")
 
+
+class RandomInitConfig(Section):
+    """A causal LM of a given family and shape with random weights (tests and offline demos),
+    built from the family's transformers config class. The shape keeps GPT-2's names; for the
+    other families they mean the same (`n_embd` is `hidden_size`, `n_inner` the MLP width)."""
+
+    architecture: Architecture = Field(
+        "gpt2",
+        description="The model family: gpt2, llama, qwen2, qwen3, mistral, phi3, opt, gpt_neox, "
+        "gemma or gemma2 (its transformers config class builds the model).",
+    )
     n_layer: int = Field(4, ge=1, description="Transformer blocks.")
-    n_head: int = Field(4, ge=1, description="Attention heads per block.")
+    n_head: int = Field(4, ge=1, description="Attention (query) heads per block.")
+    n_kv_head: int | None = Field(
+        None,
+        ge=1,
+        description="Key/value heads (grouped-query attention), a divisor of n_head; null: "
+        "n_head. Not for gpt2, opt and gpt_neox, which have none.",
+    )
     n_embd: int = Field(256, ge=8, description="Hidden width; a multiple of n_head.")
+    n_inner: int | None = Field(
+        None,
+        ge=1,
+        description="MLP width; null: the family's usual, 4 x n_embd, or for gated MLPs "
+        "(llama, qwen, mistral, phi3, gemma) 8/3 x n_embd rounded up to 64. Keep it a "
+        "multiple of 64 for a 4-bit base on a CPU (bitsandbytes' CPU kernels need it).",
+    )
     n_positions: int = Field(1024, ge=64, description="Context window in tokens.")
+    sliding_window: int | None = Field(
+        None,
+        ge=1,
+        description="Sliding-window attention span in tokens (mistral and phi3: every layer; "
+        "qwen2 and qwen3: the upper half of the layers; gemma2: every other layer, 4096 when "
+        "null). Null: full attention.",
+    )
+    tie_word_embeddings: bool | None = Field(
+        None,
+        description="Share the input embedding with the LM head; null: the family's default "
+        "(tied for gpt2, opt and gemma, untied for the others).",
+    )
     seed: int = Field(0, description="Seed of the random weights.")
     logit_cap: float = Field(
         40.0,
         gt=0,
         description="Largest logit (nats) the LM head can reach at initialisation, set through "
-        "the final layer norm's gain. GPT2Config's defaults cap it near 5, so no answer token "
-        "can win a softmax over 50,257 tokens; a pretrained GPT-2 spans tens of nats.",
+        "the final norm's gain. A config's defaults cap it near 5, so no answer token can win "
+        "a softmax over 50,257 tokens; a pretrained model spans tens of nats.",
     )
     attention_logit_std: float = Field(
         1.0,
         gt=0,
-        description="Spread of the attention scores at initialisation, set through each block's "
-        "first layer norm gain. GPT2Config's defaults give ~0.05 (uniform attention: every "
-        "position sees the mean of the prompt, and questions about one context look alike); a "
-        "trained model's attention is peaked.",
+        description="Spread of the attention scores at initialisation, set through each "
+        "block's first norm gain (or its q/k norms' gains in qwen3). A config's defaults give "
+        "~0.05 (uniform attention: every position sees the mean of the prompt, and questions "
+        "about one context look alike); a trained model's attention is peaked.",
     )
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> RandomInitConfig:
+    def _shape_fits(self) -> RandomInitConfig:
+        where = "model.random_init"
         if self.n_embd % self.n_head:
             raise ValueError(
-                f"model.random_init.n_embd={self.n_embd} is not a multiple of "
+                f"{where}.n_embd={self.n_embd} is not a multiple of "
                 f"n_head={self.n_head}; pick n_embd divisible by n_head"
             )
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise ValueError(
+                f"{where}.n_kv_head={self.n_kv_head} does not divide n_head={self.n_head}; "
+                "pick a divisor of n_head"
+            )
+        if self.n_kv_head not in (None, self.n_head) and self.architecture in NO_GROUPED_QUERY:
+            raise ValueError(
+                f"{where}.architecture={self.architecture} has no grouped-query attention; "
+                f"drop {where}.n_kv_head"
+            )
+        if self.sliding_window is not None and self.architecture not in SLIDING:
+            raise ValueError(
+                f"{where}.architecture={self.architecture} has no sliding-window attention "
+                f"(those that do: {', '.join(SLIDING)}); drop {where}.sliding_window"
+            )
         return self
+
+    def shape(self) -> dict[str, Any]:
+        """The fields `squadtune.architectures.random_config` reads."""
+        return self.model_dump(exclude={"architecture", "seed", "logit_cap",
+                                        "attention_logit_std"})
 
 
 class ModelConfig(Section):
@@ -168,14 +229,19 @@ class ModelConfig(Section):
 
     name_or_path: str | None = Field(
         "openai-community/gpt2",
-        description="Hub id or local directory of a pretrained causal LM. Null with random_init.",
+        description="Hub id or local directory of a pretrained causal LM of any family "
+        "transformers knows (safetensors weights; no remote code). Null with random_init.",
     )
     revision: str | None = Field(None, description="Hub revision of the base model.")
     tokenizer: str | None = Field(
-        None, description="Hub id or local directory of the tokenizer; defaults to name_or_path."
+        None,
+        description="Hub id or local directory of the tokenizer; defaults to name_or_path (the "
+        "model's own). A random_init base takes any, e.g. the bundled GPT-2 one.",
     )
     random_init: RandomInitConfig | None = Field(
-        None, description="Build a GPT-2 with random weights instead of loading one."
+        None,
+        description="Build a model of a given family and shape with random weights instead "
+        "of loading one.",
     )
     torch_dtype: Dtype = Field(
         "float32", description="dtype of the non-quantized weights when loading the base model."
@@ -186,7 +252,7 @@ class ModelConfig(Section):
         if self.random_init is not None and self.name_or_path:
             raise ValueError(
                 "model.name_or_path and model.random_init are both set; set "
-                "model.name_or_path=null to build a random GPT-2, or drop random_init"
+                "model.name_or_path=null to build a random model, or drop random_init"
             )
         if self.random_init is None and not self.name_or_path:
             raise ValueError("no base model: set model.name_or_path or model.random_init")
@@ -235,29 +301,50 @@ class QuantizationConfig(Section):
 
 
 class LoraSettings(Section):
-    """PEFT LoRA adapter, spelled as `peft.LoraConfig` spells it."""
+    """PEFT LoRA adapter, spelled as `peft.LoraConfig` spells it. Whether the adapted layers
+    store their weights transposed (`fan_in_fan_out`: GPT-2's Conv1D) is read from the layers
+    themselves, never set here."""
 
     lora_r: int = Field(32, ge=1, description="Rank of the update matrices (`r`).")
     lora_alpha: int = Field(32, ge=1, description="Scale numerator: the update is scaled alpha/r.")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["attn.c_attn", "attn.c_proj"],
-        min_length=1,
-        description="Module name suffixes to adapt. `attn.c_proj` matches only the attention "
-        "projection; a bare `c_proj` matches the MLP's too.",
-    )
-    fan_in_fan_out: bool = Field(
-        True, description="True for GPT-2, whose projections are Conv1D (weights stored in x out)."
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None,
+        description="Module name suffixes to adapt, or all-linear (every linear layer but the "
+        "output head, in any family). Null: the family's attention projections (PEFT's "
+        "per-architecture defaults, e.g. q_proj and v_proj for llama; for gpt2 attn.c_attn and "
+        "attn.c_proj, where a bare c_proj would match the MLP's too).",
     )
     train_new_tokens: bool = Field(
         True,
-        description="Train the embedding rows of the added chat tokens (kept tied to the LM head).",
+        description="Train and save the added chat tokens' embedding rows, and their output "
+        "rows where the LM head is not tied to the embedding.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_fan_in_fan_out(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "fan_in_fan_out" in data:
+            raise ValueError(
+                "lora.fan_in_fan_out is read from the adapted layers (True for GPT-2's Conv1D, "
+                "False for Linear); remove it"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _some_targets(self) -> LoraSettings:
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError(
+                "lora.target_modules is empty; list module names, or set it to null (the "
+                "family's attention projections) or all-linear"
+            )
+        return self
 
     def peft_kwargs(self) -> dict[str, Any]:
         """The section as `squadtune.modeling.lora_config` takes it: `LoraConfig`'s arguments
-        (`lora_r` as `r`) and `train_new_tokens`."""
+        (`lora_r` as `r`) and `train_new_tokens`; null targets are resolved against the model
+        by `squadtune.modeling.lora_settings`."""
         settings = self.model_dump()
         settings["r"] = settings.pop("lora_r")
         return settings

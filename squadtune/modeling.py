@@ -50,32 +50,51 @@ def bnb_config(quantization: Mapping[str, Any]):
     return BitsAndBytesConfig(**settings)
 
 
-def lora_config(settings: Mapping[str, Any], new_token_ids: list[int] | None = None):
+def lora_config(settings: Mapping[str, Any],
+                new_token_ids: list[int] | dict[str, list[int]] | None = None):
     """`peft.LoraConfig(**settings)` for a causal LM; with `train_new_tokens` in `settings`, the
-    new chat tokens' embedding rows train too (a list targets the input embedding; PEFT keeps it
-    tied to the LM head)."""
+    new chat tokens' rows train too: a list targets the input embedding (PEFT keeps it tied to
+    the LM head), a dict names each layer (`architectures.new_token_layers`: an untied head's
+    rows too)."""
     from peft import LoraConfig
 
     kwargs = dict(settings)
     train_new = kwargs.pop("train_new_tokens", False)
+    if isinstance(new_token_ids, dict):
+        tokens = {name: list(ids) for name, ids in new_token_ids.items()} or None
+    else:
+        tokens = list(new_token_ids) if new_token_ids else None
     return LoraConfig(
         **kwargs,
         task_type="CAUSAL_LM",
-        trainable_token_indices=list(new_token_ids) if train_new and new_token_ids else None,
+        trainable_token_indices=tokens if train_new else None,
     )
 
 
-def matched_modules(model: torch.nn.Module, patterns: list[str]) -> dict[str, list[str]]:
-    """Module names each LoRA target pattern matches (PEFT's suffix rule)."""
-    names = [name for name, _ in model.named_modules()]
-    return {
-        p: [n for n in names if n == p or n.endswith("." + p)]
-        for p in patterns
-    }
+def lora_settings(model: torch.nn.Module, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """`settings` (`LoraSettings.peft_kwargs()`) made concrete for `model`: null targets become
+    the family's attention projections, and `fan_in_fan_out` follows the adapted layers' type.
+    Fails on a target that matches nothing, instead of silently adapting fewer layers."""
+    from squadtune.architectures import default_targets, fan_in_fan_out
+
+    resolved = dict(settings)
+    if resolved.get("target_modules") is None:
+        resolved["target_modules"] = default_targets(model.config.model_type)
+    matches = check_layers(model, resolved["target_modules"])
+    resolved["fan_in_fan_out"] = fan_in_fan_out(model, matches)
+    return resolved
 
 
-def check_targets(model: torch.nn.Module, target_modules: list[str]) -> dict[str, int]:
-    """Fail on a target that matches nothing, instead of silently adapting fewer layers."""
+def matched_modules(model: torch.nn.Module, patterns: list[str] | str) -> dict[str, list[str]]:
+    """Module names each LoRA target pattern matches (PEFT's suffix rule; `all-linear` as one
+    entry: every linear layer but the output head)."""
+    from squadtune.architectures import matched_layers
+
+    return matched_layers(model, patterns)
+
+
+def check_layers(model: torch.nn.Module, target_modules: list[str] | str) -> dict[str, list[str]]:
+    """The modules each target matches; a target that matches nothing is an error."""
     matches = matched_modules(model, target_modules)
     empty = [p for p, m in matches.items() if not m]
     if empty:
@@ -87,7 +106,12 @@ def check_targets(model: torch.nn.Module, target_modules: list[str]) -> dict[str
             f"lora.target_modules {empty} match no module of this model; module names end in "
             f"one of: {', '.join(leaves[:40])}"
         )
-    return {p: len(m) for p, m in matches.items()}
+    return matches
+
+
+def check_targets(model: torch.nn.Module, target_modules: list[str] | str) -> dict[str, int]:
+    """How many modules each target matches; a target that matches nothing is an error."""
+    return {p: len(m) for p, m in check_layers(model, target_modules).items()}
 
 
 def disable_cpu_repacking(model: torch.nn.Module) -> int:
@@ -103,6 +127,15 @@ def disable_cpu_repacking(model: torch.nn.Module) -> int:
             module.support_avx512bf16_for_cpu = False
             count += 1
     return count
+
+
+def base_config(base: dict[str, Any]):
+    """The base model's transformers config (no weights), as `load_base_model` would read it."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(
+        base["source"], revision=base.get("revision"), trust_remote_code=False
+    )
 
 
 def load_base_model(
@@ -235,7 +268,7 @@ def generate_answers(
         )
     prompts = ChatEncoder(tokenizer).prompts(list(contexts), list(questions), limit, g.truncate)
     stops = stop_token_ids(tokenizer)
-    if g.shared_prefix:
+    if g.shared_prefix and shares_prefixes(model):
         from squadtune.shared_prefix import SharedPrefixGenerator
 
         generator = SharedPrefixGenerator(model, stops, g.max_new_tokens, g.batch_size)
@@ -243,6 +276,21 @@ def generate_answers(
     else:
         new = batched_generate(model, prompts, stops, g, progress)
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new]
+
+
+_FALLBACKS_LOGGED: set[str] = set()
+
+
+def shares_prefixes(model) -> bool:
+    """Whether shared-prefix generation runs on this model; if not, says why once per reason
+    (and `generate_answers` prefills every prompt whole: same answers, more work)."""
+    from squadtune.architectures import shared_prefix_problem
+
+    problem = shared_prefix_problem(model.config)
+    if problem is not None and problem not in _FALLBACKS_LOGGED:
+        _FALLBACKS_LOGGED.add(problem)
+        log.warning("generating without shared prefixes: %s", problem)
+    return problem is None
 
 
 def batched_generate(model, prompts, stops, generation: Generation, progress=False):

@@ -14,11 +14,15 @@ Callers group prompts by context. Shared parts are exact common prefixes of toke
 grouping only decides how much is shared, never what a prompt is: questions whose context was cut
 to different lengths (a long context, questions of different lengths) share the context's common
 part and carry the rest in their branch. Rows of one batch have tails and branches of different
-lengths: the cache of a row is `[system | tail, right-padded | branch, left-padded | answer]`, the
-holes masked out by the 2D attention mask, and every token gets the `position_ids` it has in its
-own unpadded prompt (GPT-2's positions are learned and absolute). Each token thus sees exactly the
-keys and positions it sees in the plain left-padded path; only the grouping of the matrix products
-differs, so logits agree to float rounding (the tests bound it) and greedy answers are the same.
+lengths: the cache of a row is `[system | tail, right-padded | branch, left-padded | answer]`, and
+every token gets the `position_ids` it has in its own unpadded prompt (learned absolute positions
+as in GPT-2 and OPT, rotary ones as in Llama, are both read from them). The attention mask is 4D,
+built from those positions: a token sees the real keys at its position or before, never a hole,
+and in a sliding-window layer only the keys less than the window back *in positions* (in cache
+slots the holes would count too). Each token thus sees exactly the keys and positions it sees in
+the plain left-padded path; only the grouping of the matrix products differs, so logits agree to
+float rounding (the tests bound it, per family) and greedy answers are the same. A model that
+cannot take a 4D mask (`architectures.shared_prefix_problem`) is not run here.
 """
 
 from __future__ import annotations
@@ -169,16 +173,31 @@ class SharedPrefixGenerator:
     cut before the first stop id."""
 
     def __init__(self, model, stop_ids: list[int], max_new_tokens: int, batch_size: int):
+        from squadtune.architectures import layer_windows
+
         self.model = model
         self.stops = torch.tensor(stop_ids)
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.device = next(model.parameters()).device
+        self.windows = layer_windows(model.config)
+        probe = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self.dtype = model.get_input_embeddings()(probe).dtype  # the hidden states' dtype
 
-    def _forward(self, ids, mask, positions, cache):
+    def _forward(self, ids, mask, key_positions, cache):
+        """One forward of `ids` on `cache`. `mask` (0/1) and `key_positions` cover every key,
+        the new ids last; a query sees the real keys at or before its own position."""
+        from squadtune.architectures import attention_masks
+
+        queries = ids.shape[1]
+        positions = key_positions[:, -queries:]
+        allowed = mask.bool()[:, None, :] & (key_positions[:, None, :] <= positions[:, :, None])
+        # A padding query sees itself, so no softmax row is empty (NaN would reach real rows).
+        allowed[:, :, -queries:] |= torch.eye(queries, dtype=torch.bool, device=self.device)
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-            use_cache=True, logits_to_keep=1,
+            input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1,
+            attention_mask=attention_masks(allowed, positions, key_positions, self.windows,
+                                           self.dtype),
         )
         return out.logits[:, -1], out.cache
 
@@ -190,19 +209,22 @@ class SharedPrefixGenerator:
         return _layers(self._forward(ids, torch.ones_like(ids), positions, _cache([]))[1])
 
     def _prefill_tails(self, system_layers, p0: int, tails: list[list[int]]):
-        """The tails' caches (system included), right-padded, and their 0/1 masks."""
+        """The tails' caches (system included), right-padded, their 0/1 masks and positions."""
         n = len(tails)
-        if max(len(t) for t in tails) == 0:
+        width = max(len(t) for t in tails)
+        key_positions = torch.arange(p0 + width, device=self.device)[None].expand(n, -1)
+        if width == 0:
             expanded = [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in
                         system_layers]
-            return expanded, torch.ones(n, p0, dtype=torch.long, device=self.device)
+            return (expanded, torch.ones(n, p0, dtype=torch.long, device=self.device),
+                    key_positions)
         ids, tail_mask = pad_rows(tails, left=False, device=self.device)
         mask = torch.cat([torch.ones(n, p0, dtype=torch.long, device=self.device), tail_mask], 1)
-        positions = (p0 + torch.arange(ids.shape[1], device=self.device))[None].expand(n, -1)
         layers = [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in system_layers]
-        return _layers(self._forward(ids, mask, positions, _cache(layers))[1]), mask
+        cache = self._forward(ids, mask, key_positions, _cache(layers))[1]
+        return _layers(cache), mask, key_positions
 
-    def _decode(self, logits, cache, mask, last_position):
+    def _decode(self, logits, cache, mask, key_positions):
         """Greedy steps until every row has stopped or `max_new_tokens` ids are out."""
         rows = torch.arange(logits.shape[0])
         out: list[list[int]] = [[] for _ in rows]
@@ -215,13 +237,13 @@ class SharedPrefixGenerator:
                 break
             if not running.all():  # finished rows leave the batch: later steps cost less
                 keep = running.nonzero().squeeze(1)
-                rows, token, last_position = rows[keep], token[keep], last_position[keep]
+                rows, token = rows[keep], token[keep]
                 keep = keep.to(self.device)
-                mask = mask[keep]
+                mask, key_positions = mask[keep], key_positions[keep]
                 cache.batch_select_indices(keep)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            last_position = last_position + 1
-            logits, cache = self._forward(token[:, None], mask, last_position[:, None], cache)
+            key_positions = torch.cat([key_positions, key_positions[:, -1:] + 1], 1)
+            logits, cache = self._forward(token[:, None], mask, key_positions, cache)
         return out
 
     @torch.no_grad()
@@ -239,12 +261,12 @@ class SharedPrefixGenerator:
         batches = batches_by_tail(plan, self.batch_size)
         for batch in tqdm(batches, desc="generating", disable=not progress):
             tails = list(dict.fromkeys(plan.tail_of[i] for i in batch))
-            tail_layers, tail_mask = self._prefill_tails(
+            tail_layers, tail_mask, tail_positions = self._prefill_tails(
                 system_layers, p0, [plan.tails[t] for t in tails]
             )
             slot = torch.tensor([tails.index(plan.tail_of[i]) for i in batch], device=self.device)
             ids, branch_mask = pad_rows([plan.branches[i] for i in batch], left=True,
-                                    device=self.device)
+                                        device=self.device)
             start = p0 + torch.tensor([len(plan.tails[plan.tail_of[i]]) for i in batch],
                                       device=self.device)
             # Left padding: a branch's last id sits in the last column; its real ids count up
@@ -253,11 +275,12 @@ class SharedPrefixGenerator:
             positions = (start - pad)[:, None] + torch.arange(ids.shape[1], device=self.device)
             positions = positions.clamp(min=0)
             mask = torch.cat([tail_mask[slot], branch_mask], 1)
+            key_positions = torch.cat([tail_positions[slot], positions], 1)
             capacity = mask.shape[1] + self.max_new_tokens
             logits, cache = self._forward(
-                ids, mask, positions, buffer_cache(tail_layers, slot, capacity)
+                ids, mask, key_positions, buffer_cache(tail_layers, slot, capacity)
             )
-            new = self._decode(logits, cache, mask, positions[:, -1])
+            new = self._decode(logits, cache, mask, key_positions)
             for i, ids_out in zip(batch, new, strict=True):
                 cut = next((k for k, t in enumerate(ids_out) if t in self.stops), len(ids_out))
                 answers[i] = ids_out[:cut]

@@ -10,8 +10,10 @@ row's remainder (question, answer) as a *branch* after it:
 `PackedCollator` turns the `branch` column into a 4D mask in which the prefix is causal, and a
 branch token sees the prefix and the earlier tokens of its own branch, nothing else. Each token
 therefore sees exactly the keys, values and positions it sees in its own unshared row, and its
-loss is the unshared loss. The first id of every branch is a prompt id (label -100), so the
-trainer's one-position label shift never makes one branch predict the next.
+loss is the unshared loss: with learned positions (GPT-2, OPT) and rotary ones (Llama, Qwen2,
+...) alike, since both are read from `position_ids`, and in sliding-window layers too (the mask
+counts the window in positions). The first id of every branch is a prompt id (label -100), so
+the trainer's one-position label shift never makes one branch predict the next.
 
 Contracts:
 
@@ -40,12 +42,13 @@ Wiring into a Trainer (the eval split too: one collator serves both):
     train_ds = pack_paragraphs(train_ds, 2 * max_seq_len, user)
     trainer = answer_only_trainer()(..., train_dataset=train_ds,
         eval_dataset=pack_paragraphs(eval_ds, 2 * max_seq_len, user),
-        data_collator=PackedCollator(tokenizer.pad_token_id, pad_to_multiple_of),
+        data_collator=packed_collator(model.config, tokenizer.pad_token_id),
         callbacks=[f1_callback(tokenizer, questions, log, generation, every_steps)])
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -53,6 +56,8 @@ import torch
 
 from squadtune.modeling import Generation
 from squadtune.shared_prefix import common_prefix_length
+
+log = logging.getLogger(__name__)
 
 
 def prefix_length(ids: list[int], labels: list[int], branch_token_id: int) -> int:
@@ -140,32 +145,44 @@ def packing_stats(packed) -> dict[str, float]:
     }
 
 
-def block_mask(branch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def block_mask(branch: torch.Tensor, dtype: torch.dtype = torch.float32,
+               positions: torch.Tensor | None = None,
+               windows: dict[str | None, int | None] | None = None):
     """(batch, 1, L, L) additive mask from branch ids (0 prefix, k >= 1 branch k, -1 padding).
 
     Additive (0 or the dtype's minimum) because transformers passes a 4D mask through as is:
     SDPA takes it, and the eager attention adds it to the scores (a boolean there would be
     added as 0/1 and mask nothing). Padding attends to padding only, so no row is all masked
-    (an all-masked softmax row is NaN, and NaN reaches the gradients).
+    (an all-masked softmax row is NaN, and NaN reaches the gradients). With `windows`
+    (`architectures.layer_windows`), a sliding-window layer type's mask also drops keys a
+    window or more *positions* back, as in the unshared row; a model whose layer types differ
+    takes a dict of masks by type.
     """
+    from squadtune.architectures import attention_masks
+
     length = branch.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=branch.device).tril()
     query, key = branch[:, :, None], branch[:, None, :]
     allowed = causal & ((query == key) | ((key == 0) & (query > 0)))
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=branch.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+    if positions is None:
+        positions = torch.arange(length, device=branch.device)[None].expand(len(branch), -1)
+    return attention_masks(allowed, positions, positions, windows or {None: None}, dtype)
 
 
 class PackedCollator:
-    """Pads packed rows into input_ids, labels (-100), position_ids and the 4D block mask."""
+    """Pads packed rows into input_ids, labels (-100), position_ids and the 4D block mask
+    (a mask per layer type where the model's layers differ: `windows`, from
+    `architectures.layer_windows` of the base model's config)."""
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None,
-                 mask_dtype: torch.dtype = torch.float32):
+                 mask_dtype: torch.dtype = torch.float32,
+                 windows: dict[str | None, int | None] | None = None):
         self.pad_token_id = pad_token_id
         self.multiple = pad_to_multiple_of
         self.mask_dtype = mask_dtype
+        self.windows = windows
 
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         width = max(len(f["input_ids"]) for f in features)
         if self.multiple:
             width = -(-width // self.multiple) * self.multiple
@@ -174,12 +191,26 @@ class PackedCollator:
             rows = [list(f[name]) + [fill] * (width - len(f[name])) for f in features]
             return torch.tensor(rows, dtype=torch.long)
 
+        positions = column("position_ids", 0)
         return {
             "input_ids": column("input_ids", self.pad_token_id),
-            "attention_mask": block_mask(column("branch", -1), self.mask_dtype),
-            "position_ids": column("position_ids", 0),
+            "attention_mask": block_mask(column("branch", -1), self.mask_dtype, positions,
+                                         self.windows),
+            "position_ids": positions,
             "labels": column("labels", -100),
         }
+
+
+def packed_collator(base_config, pad_token_id: int, pad_to_multiple_of: int | None = None):
+    """The `PackedCollator` for a base model of this config, or None (and one logged line
+    saying why) when the model cannot take the block mask: train unshared then."""
+    from squadtune.architectures import layer_windows, shared_prefix_problem
+
+    problem = shared_prefix_problem(base_config)
+    if problem is not None:
+        log.warning("training.share_context is ignored, training unshared rows: %s", problem)
+        return None
+    return PackedCollator(pad_token_id, pad_to_multiple_of, windows=layer_windows(base_config))
 
 
 def f1_callback(

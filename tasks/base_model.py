@@ -1,4 +1,4 @@
-"""Stage 3: resolve the base model; a random-init GPT-2 is built and saved here once."""
+"""Stage 3: resolve the base model; a random-init one (any family) is built and saved here once."""
 
 from __future__ import annotations
 
@@ -11,49 +11,42 @@ from tasks.outputs import BaseWeights, Tokenized
 from tasks.stage import Run, stage
 
 
-def build_random_gpt2(model: ModelConfig, vocab_size: int, out: Path) -> None:
-    """A GPT-2 of the configured shape with random weights, at realistic scales.
+def build_random(model: ModelConfig, vocab_size: int, out: Path) -> dict[str, Any]:
+    """A causal LM of the configured family and shape with random weights, at realistic
+    scales, saved to `out/model`; returns what `BaseWeights` records of it.
 
-    GPT2Config's defaults (weights of std `initializer_range` = 0.02, tied LM head, layer norm
-    gains 1) make a model that no fine-tuning can teach much, for two reasons:
+    A config's defaults (weights of std `initializer_range` = 0.02, layer norm gains 1) make a
+    model that no fine-tuning can teach much, for two reasons:
 
     * Logits. A logit is the dot product of a final hidden state of norm sqrt(n_embd) with an
-      embedding row of norm 0.02 * sqrt(n_embd), so every real token's logit is capped near
+      output row of norm 0.02 * sqrt(n_embd), so every real token's logit is capped near
       0.02 * n_embd (about 5 at width 256) and no answer token can win a softmax over 50,257
       (loss floor ~5.8 nats), while the added chat tokens' rows train freely: greedy decoding
-      emits `<|end|>` first and every answer is empty. A pretrained GPT-2's logits span tens of
-      nats: the final layer norm's gain is set so the cap is `logit_cap`.
+      emits `<|end|>` first and every answer is empty. A pretrained model's logits span tens
+      of nats: the final norm's gain is set so the cap is `logit_cap`.
     * Attention. A score q.k / sqrt(d_head) has std (0.02^2 * n_embd) * gain^2 (~0.05 at width
       128): attention is uniform, each position sees the mean of the whole prompt, and two
       questions about one context look nearly alike (LoRA then confuses their answers). A
-      trained model's attention is peaked: each block's first layer norm gain is set so the
-      scores' std is `attention_logit_std`.
+      trained model's attention is peaked: each block's first norm gain is set so the
+      scores' std is `attention_logit_std` (in qwen3, whose q and k are normalised per head,
+      the gains of those norms).
 
-    Only layer norm gains change, none of the weights LoRA or the new-token rows train.
+    The same holds for every family here (RMSNorm or LayerNorm, rotary or learned positions,
+    tied or untied heads: all initialise at std 0.02); only norm gains change, none of the
+    weights LoRA or the new-token rows train (`squadtune.architectures.realistic_scales`).
     """
-    import math
-
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from squadtune.architectures import build_random as build
 
     shape = model.random_init
-    config = GPT2Config(
-        vocab_size=vocab_size,
-        n_layer=shape.n_layer,
-        n_head=shape.n_head,
-        n_embd=shape.n_embd,
-        n_positions=shape.n_positions,
-    )
-    torch.manual_seed(shape.seed)
-    gpt2 = GPT2LMHeadModel(config)
-    weight_var = config.initializer_range**2 * config.n_embd
-    with torch.no_grad():
-        gpt2.transformer.ln_f.weight.fill_(
-            shape.logit_cap / (config.initializer_range * config.n_embd)
-        )
-        for block in gpt2.transformer.h:
-            block.ln_1.weight.fill_(math.sqrt(shape.attention_logit_std / weight_var))
-    gpt2.save_pretrained(str(out / "model"), safe_serialization=True)
+    built = build(shape.architecture, shape.shape(), vocab_size, shape.seed, shape.logit_cap,
+                  shape.attention_logit_std)
+    built.save_pretrained(str(out / "model"), safe_serialization=True)
+    return {"model_type": built.config.model_type, "n_positions": shape.n_positions}
+
+
+def build_random_gpt2(model: ModelConfig, vocab_size: int, out: Path) -> None:
+    """`build_random` under its former name (the shape's architecture decides the family)."""
+    build_random(model, vocab_size, out)
 
 
 def describe_pretrained(model: ModelConfig) -> dict[str, Any]:
@@ -78,12 +71,11 @@ def describe_pretrained(model: ModelConfig) -> dict[str, Any]:
     keyed=(), identity=lambda run, tokenized: tokenized.vocab_size,
 )
 def prepare_base_model(run: Run, tokenized: Tokenized, out: Path) -> BaseWeights:
-    """Resolve the base model (hub id, local folder, or a saved random-init GPT-2)."""
+    """Resolve the base model (hub id, local folder, or a saved random-init model)."""
     model, max_seq_len = run.config.model, tokenized.max_seq_len
     if model.random_init is not None:
-        build_random_gpt2(model, tokenized.vocab_size, out)
         # Stored relative to the stage directory, which is renamed into place when done.
-        source, info = "model", {"model_type": "gpt2", "n_positions": model.random_init.n_positions}
+        source, info = "model", build_random(model, tokenized.vocab_size, out)
     else:
         source, info = model.name_or_path, describe_pretrained(model)
         if looks_local(source):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from squadtune.architectures import new_token_layers
 from squadtune.modeling import (
-    check_targets,
     count_parameters,
     load_base_model,
     lora_config,
+    lora_settings,
+    matched_modules,
     peft_wrapping,
     prepare_for_training,
 )
@@ -23,12 +25,15 @@ def init_adapter(run: Run, base: BaseWeights, tokenized: Tokenized):
 
     cfg = run.config
     model = load_base_model(base.spec(), cfg.quantization, cfg.model.torch_dtype)
-    matches = check_targets(model, cfg.lora.target_modules)
+    # Null targets become the family's; fan_in_fan_out follows the layers (Conv1D or Linear).
+    settings = lora_settings(model, cfg.lora.peft_kwargs())
+    matches = {target: len(names) for target, names in
+               matched_modules(model, settings["target_modules"]).items()}
+    tokens = new_token_layers(model, tokenized.new_token_ids)
     model = prepare_for_training(model, gradient_checkpointing=False)
     torch.manual_seed(cfg.training.seed)
     with peft_wrapping():
-        peft_model = get_peft_model(model, lora_config(cfg.lora.peft_kwargs(),
-                                                       tokenized.new_token_ids))
+        peft_model = get_peft_model(model, lora_config(settings, tokens))
     return peft_model, LoraInit(target_matches=matches, parameters=count_parameters(peft_model))
 
 

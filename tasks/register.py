@@ -125,7 +125,8 @@ def log_and_register(run: Run, artifacts: dict[str, str], out: Path,
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
         client.create_registered_model(
-            name, description="GPT-2 QLoRA adapters for SQuAD question answering."
+            name, description="QLoRA adapters for SQuAD question answering; each version's "
+            "description names its base model and architecture."
         )
     # log_model logs into the active run; system metrics belong to training, not to this.
     with mlflow.start_run(run_id=run_id, log_system_metrics=False), warnings.catch_warnings():
@@ -138,7 +139,8 @@ def log_and_register(run: Run, artifacts: dict[str, str], out: Path,
             code_paths=stage_code(out),
             signature=signature(config.evaluation),
             pip_requirements=pip_requirements(config.quantization.enabled),
-            tags={"squadtune.adapter_key": tags["squadtune.adapter_key"]},
+            tags={key: tags[key] for key in ("squadtune.adapter_key", "squadtune.architecture")
+                  if key in tags},
         )
     for key, value in tags.items():  # the whole lineage, on the run's page
         if key != "mlflow.run_id":
@@ -203,6 +205,8 @@ def lineage_tags(run: Run, scores: EvalResult, baseline: EvalResult, tokenized: 
         "squadtune.base_model": model.name_or_path
         or f"random_init:{model.random_init.model_dump_json()}",
         "squadtune.base_revision": str(base.resolved_revision or model.revision or "local"),
+        # The family (transformers' model_type): which runtimes can serve it, e.g. vLLM's LoRA.
+        "squadtune.architecture": base.model_type,
         "squadtune.adapter_key": adapter.key,
         "eval.exact_match": f"{ours.exact_match:.4f}",
         "eval.f1": f"{ours.f1:.4f}",
@@ -215,10 +219,29 @@ def lineage_tags(run: Run, scores: EvalResult, baseline: EvalResult, tokenized: 
     }
 
 
+def base_phrase(tags: dict[str, str]) -> str:
+    """The base model in words: `meta-llama/Llama-3.2-1B, a Llama model` or, for a random base,
+    `a random-weight Llama of 2 layers x 128 (model.random_init)`."""
+    from squadtune.architectures import display_name
+
+    base = tags["squadtune.base_model"]
+    if "squadtune.architecture" not in tags:  # lineage written before architectures were tagged
+        return base
+    family = display_name(tags["squadtune.architecture"])
+    if base.startswith("random_init:"):
+        shape = json.loads(base.split(":", 1)[1])
+        return (f"a random-weight {family} of {shape['n_layer']} layers x {shape['n_embd']} "
+                "(model.random_init)")
+    return f"{base}, a {family} model"
+
+
 def description(tags: dict[str, str]) -> str:
+    architecture = tags.get("squadtune.architecture")
     return (
-        f"LoRA adapter on {tags['squadtune.base_model']} "
-        f"(revision {tags['squadtune.base_revision']}). SQuAD F1 {float(tags['eval.f1']):.2f} / "
+        f"LoRA adapter on {base_phrase(tags)} ("
+        + (f"architecture {architecture}, " if architecture else "")
+        + f"revision {tags['squadtune.base_revision']}). "
+        f"SQuAD F1 {float(tags['eval.f1']):.2f} / "
         f"EM {float(tags['eval.exact_match']):.2f} on {tags['eval.questions']} held-out questions "
         f"(eval set {tags['eval.set_hash']}); the base model alone scored F1 "
         f"{float(tags['eval.baseline_f1']):.2f} / "

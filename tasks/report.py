@@ -12,6 +12,7 @@ from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from pipeline_config import PipelineConfig
+from squadtune.architectures import display_name
 from squadtune.mlflow_metrics import log_metrics, logged_steps, metric_name
 from tasks.manifest import StageOutput
 from tasks.outputs import Adapter, EvalResult, Registration, SquadData, Tokenized
@@ -96,9 +97,10 @@ def eval_metrics(evaluation: EvalResult, baseline: EvalResult) -> dict[str, floa
 def config_summary(config: PipelineConfig) -> str:
     m, q, lora, t = config.model, config.quantization, config.lora, config.training
     base = m.name_or_path or (
-        f"random-init GPT-2 {m.random_init.n_layer}x{m.random_init.n_embd}" if m.random_init
-        else "?"
+        f"random-init {display_name(m.random_init.architecture)} "
+        f"{m.random_init.n_layer}x{m.random_init.n_embd}" if m.random_init else "?"
     )
+    targets = lora.target_modules or "the family's attention projections"
     bits = "4-bit " + q.bnb_4bit_quant_type if q.load_in_4bit else (
         "8-bit" if q.load_in_8bit else m.torch_dtype
     )
@@ -106,7 +108,7 @@ def config_summary(config: PipelineConfig) -> str:
     return (
         f"**Config** `{config.fingerprint()}`: base {base} ({bits}); LoRA r={lora.lora_r}, "
         f"alpha={lora.lora_alpha}, dropout={lora.lora_dropout} on "
-        f"{', '.join(lora.target_modules)}; "
+        f"{targets if isinstance(targets, str) else ', '.join(targets)}; "
         f"{t.max_steps} steps of {t.per_device_train_batch_size} x "
         f"{t.gradient_accumulation_steps} x {t.nproc_per_node}, lr {t.learning_rate:g} "
         f"({t.lr_scheduler_type}); data {data}, max_seq_len {config.data.max_seq_len}."

@@ -24,12 +24,13 @@ from squadtune.chat_format import USER
 from squadtune.checkpoints import checksum_callback, describe, resume_point
 from squadtune.mlflow_metrics import mlflow_callback, system_metrics
 from squadtune.modeling import (
+    base_config,
     default_device,
     load_base_model,
     peft_wrapping,
     prepare_for_training,
 )
-from squadtune.shared_training import PackedCollator, pack_paragraphs
+from squadtune.shared_training import pack_paragraphs, packed_collator
 from squadtune.trainer import (
     answer_only_trainer,
     checkpoint_step,
@@ -184,7 +185,10 @@ def training_data(job: TrainJob, tokenizer, device: str):
     train_ds = load_from_disk(str(tokenized.split_dir("train")))
     eval_ds = load_from_disk(str(tokenized.split_dir("eval"))) if cfg.eval_steps else None
     multiple = 8 if device == "cuda" else None
-    if not cfg.share_context:
+    packed = cfg.share_context and packed_collator(
+        base_config(job.base.spec()), tokenizer.pad_token_id, multiple
+    )
+    if not packed:  # unshared, or a base that cannot take the block mask (logged)
         return train_ds, eval_ds, collator(tokenizer, multiple)
     user = tokenizer.convert_tokens_to_ids(USER)
     # Twice the example length holds a typical paragraph's five questions whole; a paragraph
@@ -192,7 +196,7 @@ def training_data(job: TrainJob, tokenizer, device: str):
     width = 2 * tokenized.max_seq_len
     train_ds = pack_paragraphs(train_ds, width, user)
     eval_ds = pack_paragraphs(eval_ds, width, user) if eval_ds is not None else None
-    return train_ds, eval_ds, PackedCollator(tokenizer.pad_token_id, multiple)
+    return train_ds, eval_ds, packed
 
 
 def f1_while_training(job: TrainJob, tokenizer, trainer) -> Any:

@@ -98,8 +98,13 @@ def test_each_preset_is_a_deployment_whose_form_defaults_are_its_yaml(deployed):
     deployments = {d["name"]: d for d in api(deployed, "deployments/filter", {})}
     assert set(deployments) == {
         "finetune-demo", "finetune-gpt2-qlora", "finetune-retrain", "check-hub-data",
-        "approve", "expire", "train-gpu", "promote", "rollback",
+        "approve", "expire", "train-gpu", "promote", "rollback", "finetune-llama-demo",
+        "finetune-qwen2-demo",
     }
+    for preset in ("llama_demo", "qwen2_demo"):
+        form = deployments[f"finetune-{preset.replace('_', '-')}"]
+        assert form["parameters"]["config"] == load_config(preset).model_dump(mode="json")
+        assert form["work_pool_name"] == "local"
     demo, recipe = deployments["finetune-demo"], deployments["finetune-gpt2-qlora"]
     retrain = deployments["finetune-retrain"]
     assert demo["parameters"]["config"] == load_config("demo").model_dump(mode="json")

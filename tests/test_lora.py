@@ -9,6 +9,7 @@ from squadtune.modeling import (
     check_targets,
     count_parameters,
     lora_config,
+    lora_settings,
     matched_modules,
     prepare_for_training,
 )
@@ -28,7 +29,7 @@ def peft(model, settings=None):
     settings = settings or LoraSettings(lora_r=4, lora_alpha=8, lora_dropout=0.0)
     model = prepare_for_training(model, gradient_checkpointing=False)
     torch.manual_seed(1)
-    return get_peft_model(model, lora_config(settings.peft_kwargs(), NEW_IDS))
+    return get_peft_model(model, lora_config(lora_settings(model, settings.peft_kwargs()), NEW_IDS))
 
 
 def test_gpt2_small_attention_r32_trainable_count():
@@ -39,7 +40,8 @@ def test_gpt2_small_attention_r32_trainable_count():
         model = GPT2LMHeadModel(GPT2Config(vocab_size=50261))
     settings = LoraSettings()
     assert check_targets(model, settings.target_modules) == {"attn.c_attn": 12, "attn.c_proj": 12}
-    peft_model = get_peft_model(model, lora_config(settings.peft_kwargs(), NEW_IDS))
+    peft_model = get_peft_model(model, lora_config(lora_settings(model, settings.peft_kwargs()),
+                                                   NEW_IDS))
     assert count_parameters(peft_model)["trainable"] == 1_769_472 + 4 * 768
 
 

@@ -36,7 +36,7 @@ def tiny_model(tokenizer, path, quantized: bool):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from pipeline_config import LoraSettings, QuantizationConfig
-    from squadtune.modeling import load_base_model, lora_config
+    from squadtune.modeling import load_base_model, lora_config, lora_settings
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_embd=64,
@@ -47,7 +47,8 @@ def tiny_model(tokenizer, path, quantized: bool):
     model.save_pretrained(path)
     quant = QuantizationConfig(load_in_4bit=quantized, bnb_4bit_compute_dtype="float32")
     base = load_base_model({"source": str(path), "vocab_size": len(tokenizer)}, quant, device="cpu")
-    peft = get_peft_model(base, lora_config(LoraSettings(lora_r=8).peft_kwargs()))
+    peft = get_peft_model(base, lora_config(lora_settings(base, LoraSettings(lora_r=8)
+                                                          .peft_kwargs())))
     with torch.no_grad():
         for name, param in peft.named_parameters():
             if "lora_B" in name:
@@ -207,7 +208,12 @@ def trainable_model(tokenizer, path, quantized=False, attn="sdpa"):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from pipeline_config import LoraSettings, QuantizationConfig
-    from squadtune.modeling import load_base_model, lora_config, prepare_for_training
+    from squadtune.modeling import (
+        load_base_model,
+        lora_config,
+        lora_settings,
+        prepare_for_training,
+    )
 
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_embd=64, n_head=2,
@@ -216,8 +222,8 @@ def trainable_model(tokenizer, path, quantized=False, attn="sdpa"):
     base = load_base_model({"source": str(path), "vocab_size": len(tokenizer)}, quant, device="cpu")
     base.set_attn_implementation(attn)
     base = prepare_for_training(base, gradient_checkpointing=False)
-    model = get_peft_model(base, lora_config(LoraSettings(lora_r=8, lora_dropout=0.0)
-                                             .peft_kwargs()))
+    settings = lora_settings(base, LoraSettings(lora_r=8, lora_dropout=0.0).peft_kwargs())
+    model = get_peft_model(base, lora_config(settings))
     with torch.no_grad():  # B = 0 would leave every A gradient zero
         for name, param in model.named_parameters():
             if "lora_B" in name:

@@ -41,8 +41,14 @@ def test_bnb_config_converter():
 
 
 def test_lora_config_converter():
-    cfg = lora_config(LoraSettings(lora_r=8, lora_alpha=16, lora_dropout=0.1, bias="lora_only")
-                      .peft_kwargs(), [50257, 50258])
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from squadtune.modeling import lora_settings
+
+    with torch.device("meta"):
+        gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2))
+    settings = LoraSettings(lora_r=8, lora_alpha=16, lora_dropout=0.1, bias="lora_only")
+    cfg = lora_config(lora_settings(gpt2, settings.peft_kwargs()), [50257, 50258])
     assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.bias) == (8, 16, 0.1, "lora_only")
     assert set(cfg.target_modules) == {"attn.c_attn", "attn.c_proj"}
     assert cfg.fan_in_fan_out and cfg.task_type == "CAUSAL_LM"
