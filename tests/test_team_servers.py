@@ -204,7 +204,10 @@ def assert_registry_consistent(ctx) -> list:
         files = ctx["s3"].keys(BUCKET, prefix)
         assert f"{prefix}/MLmodel" in files, f"v{v.version}: no MLmodel under {location}"
         assert any(f.endswith("adapter_model.safetensors") for f in files), v.version
-        assert {"squadtune.adapter_key", "eval.f1", "eval.set_hash"} <= set(v.tags), v.version
+        # The version's own tags, its logged model's key and its run's lineage (tasks/register.py).
+        assert {"eval.f1", "data.key"} <= set(v.tags), v.version
+        assert "squadtune.adapter_key" in logged.tags, v.version
+        assert "eval.set_hash" in c.get_run(v.run_id).data.tags, v.version
         assert v.current_stage in ("None", "Archived"), f"v{v.version} in {v.current_stage}"
     rows = history(ctx)
     for alias in ("staging", "production"):
@@ -249,7 +252,8 @@ def test_a_deployment_run_registers_on_postgres_and_the_model_loads_from_s3(
     assert run["state_type"] == "COMPLETED", run["state"]["message"]
     team["run_id"] = run["id"]
     version = client(team).get_model_version_by_alias(MODEL, "candidate")
-    assert (version.version, version.tags["prefect.flow_run_id"]) == ("1", run["id"])
+    lineage = client(team).get_run(version.run_id).data.tags
+    assert (version.version, lineage["prefect.flow_run_id"]) == ("1", run["id"])
     assert_registry_consistent(team)  # its files are in the bucket, under the logged model
 
     model_env = {k: v for k, v in team["env"].items() if not k.startswith(("AWS_", "MLFLOW_S3"))}
