@@ -10,12 +10,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import mlflow
 import pytest
@@ -23,7 +17,8 @@ import pytest
 from flows.cli import main as cli
 from flows.sample_squad import sample
 from tests.conftest import SQUAD_DEV
-from tests.test_flow_e2e import free_port, post
+from tests.serving import mlflow_serve
+from tests.test_flow_e2e import post
 
 # The GPT-2 proof's questions (tests/test_memorize.py): 'Harvard_University', two paragraphs.
 ARTICLE, QUESTIONS = 31, 7
@@ -31,31 +26,11 @@ ARTICLE, QUESTIONS = 31, 7
 
 def serve_and_ask(model_uri: str, context: str, question: str) -> str:
     """The answer of `mlflow models serve` for one question (the server stopped after)."""
-    port = free_port()
-    venv_bin = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}"}
-    server = subprocess.Popen(
-        [f"{venv_bin}/mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-         "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read().decode()[-3000:]
-                assert time.time() < deadline, "server did not come up in 180 s"
-                time.sleep(1)
+    with mlflow_serve(model_uri) as port:
         status, body = post(port, {"dataframe_records": [{"context": context,
                                                           "question": question}]})
         assert status == 200, body
         return body["predictions"][0]["answer"]
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(30)
 
 
 @pytest.mark.slow  # 100 steps through the real CLI, flow and registry: make test-all

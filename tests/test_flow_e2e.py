@@ -3,11 +3,6 @@ then the registered model: promoted by the promote flow, served by `mlflow model
 loaded by plain PEFT."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,6 +17,7 @@ from flows.finetune import finetune
 from pipeline_config import PipelineConfig
 from tasks.manifest import read_manifest
 from tests.conftest import flow_artifacts, task_states, tiny_config_dict
+from tests.serving import mlflow_serve
 
 # Real flow runs end to end: the full suite (make test-all). The stages, the registry
 # and the served model are tested without the flow in the default suite.
@@ -142,12 +138,6 @@ def test_promote_flow_moves_staging_to_production_and_publishes_history(first_ru
     assert "already holds @production" in capsys.readouterr().err
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def post(port: int, payload: dict) -> tuple[int, dict]:
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
@@ -167,24 +157,7 @@ def test_mlflow_models_serve_answers_like_ask_and_rejects_bad_requests(first_run
                 "--question", question, "--max-new-tokens", "6"]) == 0
     asked = capsys.readouterr().out.rstrip("\n")
 
-    port = free_port()
-    venv_bin = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}"}
-    server = subprocess.Popen(
-        [f"{venv_bin}/mlflow", "models", "serve", "-m", f"models:/{MODEL}@candidate",
-         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read().decode()[-3000:]
-                assert time.time() < deadline, "server did not come up in 180 s"
-                time.sleep(1)
+    with mlflow_serve(f"models:/{MODEL}@candidate") as port:
         good = {"dataframe_records": [{"context": context, "question": question}],
                 "params": {"max_new_tokens": 6}}
         status, body = post(port, good)
@@ -202,9 +175,6 @@ def test_mlflow_models_serve_answers_like_ask_and_rejects_bad_requests(first_run
         assert post(port, good) == (
             200, {"predictions": [{"answer": asked, "context_truncated": False}]}
         ), "still serving"
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(30)
 
 
 def test_registered_adapter_loads_with_plain_peft_to_the_same_logits(first_run, tmp_path):

@@ -8,17 +8,14 @@ the CPU machine this project is developed on, so this test has not run here. On 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.test_flow_e2e import free_port
+from tests.serving import free_port, serving
 
 
 def registered_layout(stages: dict, adapter, out: Path) -> Path:
@@ -67,23 +64,12 @@ def test_vllm_serves_an_exported_llama_adapter_with_the_same_answers(tmp_path):
                      tmp_path / "vllm")
 
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", written["model"],
-         "--enable-lora", "--lora-modules", f"squadtune={written['adapter']}",
-         "--max-lora-rank", str(config.lora.lora_r), "--host", "127.0.0.1", "--port", str(port),
-         "--max-model-len", "512", "--gpu-memory-utilization", "0.3"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 600
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read().decode()[-3000:]
-                assert time.time() < deadline, "vLLM did not come up in 600 s"
-                time.sleep(2)
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+               written["model"], "--enable-lora", "--lora-modules",
+               f"squadtune={written['adapter']}", "--max-lora-rank", str(config.lora.lora_r),
+               "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "512",
+               "--gpu-memory-utilization", "0.3"]
+    with serving(command, f"http://127.0.0.1:{port}/health", 600, what="vLLM"):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(written["model"])
@@ -102,6 +88,3 @@ def test_vllm_serves_an_exported_llama_adapter_with_the_same_answers(tmp_path):
                 text = json.loads(response.read())["choices"][0]["text"]
             assert text.strip() == row["prediction"], (text, row)
         assert evaluation.metrics.exact_match >= 75, evaluation.predictions()
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(60)
