@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -25,6 +26,17 @@ def server_folder(request, tmp_path_factory, backend: str, name: str) -> Path:
     root.chmod(0o755)
     request.addfinalizer(lambda: shutil.rmtree(root, ignore_errors=True))
     return root
+
+
+def wait_for(predicate, seconds: float, what: str):
+    """`predicate()`'s first truthy value, polled each second, or a failure naming `what`."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(1)
+    raise AssertionError(f"waited {seconds:.0f} s for {what}")
 
 
 def postgres_processes(state: Path) -> list[psutil.Process]:

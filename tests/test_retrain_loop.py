@@ -24,7 +24,7 @@ import pytest
 
 from flows.sample_squad import sample
 from tests.conftest import ROOT, SQUAD_DEV, tiny_config_dict
-from tests.teamservers import server_folder
+from tests.teamservers import server_folder, wait_for
 from tests.test_deployments import free_port
 
 pytestmark = pytest.mark.slow
@@ -90,16 +90,6 @@ def post(ctx, path: str, body: dict):
     response = httpx.post(f"{ctx['api']}/{path}", json=body, timeout=30)
     response.raise_for_status()
     return response.json()
-
-
-def wait_for(predicate, seconds: float, what: str):
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(1)
-    raise AssertionError(f"waited {seconds:.0f} s for {what}")
 
 
 def watcher_log(ctx) -> str:

@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -30,7 +29,7 @@ import yaml
 
 from tests.conftest import ROOT, tiny_config_dict
 from tests.s3server import s3_server
-from tests.teamservers import basic, postgres_processes, server_folder
+from tests.teamservers import basic, postgres_processes, server_folder, wait_for
 from tests.test_deployments import free_port
 
 pytestmark = pytest.mark.slow
@@ -113,16 +112,6 @@ def config_for(ctx, alias: str = "candidate") -> dict:
     config = json.loads(json.dumps(ctx["config"]))
     config["registry"]["alias"] = alias
     return config
-
-
-def wait_for(predicate, seconds: float, what: str):
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(1)
-    raise AssertionError(f"waited {seconds:.0f} s for {what}")
 
 
 def flow_runs(ctx, deployment: str) -> list[dict]:
