@@ -135,7 +135,7 @@ def approve_version(model_name: str, version: int, answer: dict[str, str],
     try:
         if refusal := superseded(model_name, version):
             raise PromotionRefused(refusal)
-        registry.vet(model_name, ALIAS, version, gate)
+        _, comparison = registry.vet(model_name, ALIAS, version, gate)
     except InputError as exc:  # a refusal is an answer, not a crash: no traceback
         record(model_name, version, {
             "decision": "not-applied", "reviewer": answer["reviewer"],
@@ -144,7 +144,7 @@ def approve_version(model_name: str, version: int, answer: dict[str, str],
         return {"decision": "approve", "moved": False, "refused": str(exc)}
     record(model_name, version, answer)
     with registry.acting_for(answer["reviewer"]):
-        event = registry.promote(model_name, ALIAS, version, gate,
+        event = registry.promote(model_name, ALIAS, version, gate, comparison=comparison,
                                  reason=f"approved by {answer['reviewer']}: {answer['reason']}")
     follow([event])
     replaced = f"v{event.previous_version}" if event.previous_version else "none"

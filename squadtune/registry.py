@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from squadtune import history
 from squadtune.errors import InputError
 from squadtune.gate import Comparison, Gate, PromotionRefused, check, f1_of, set_hash_of
-from squadtune.history import Event, append, holders_of, utc_now
+from squadtune.history import Event, append, client, holders_of, utc_now
 
 log = logging.getLogger(__name__)
 ORDER = ("candidate", "staging", "production")
@@ -50,12 +50,6 @@ def acting_for(person: str) -> Iterator[None]:
 
 def actor() -> str:
     return _acting_for.get() or getpass.getuser()
-
-
-def client():
-    import mlflow
-
-    return mlflow.MlflowClient()
 
 
 def check_name(name: str) -> None:
@@ -185,8 +179,9 @@ def vet(name: str, to: str, version: int | None = None, gate: Gate | None = None
 
 
 def promote(name: str, to: str, version: int | None = None, gate: Gate | None = None,
-            force: bool = False, reason: str = "") -> Event:
-    """Move `version` (default: the holder of the stage below `to`) up to `@to`, behind the gate."""
+            force: bool = False, reason: str = "", comparison: Comparison | None = None) -> Event:
+    """Move `version` (default: the holder of the stage below `to`) up to `@to`, behind the gate.
+    `comparison`: the gate's, when the caller has just checked it holding the registry's slot."""
     gate = gate or Gate()
     check_request(name, to, version)
     if force and not reason.strip():
@@ -194,7 +189,10 @@ def promote(name: str, to: str, version: int | None = None, gate: Gate | None = 
     found = reconcile(name)
     source = _source(name, ORDER[ORDER.index(to) - 1], version, force)
     current = holder(name, to)
-    comparison = None if force else check(name, source, to, current, gate)
+    if force:
+        comparison = None
+    elif comparison is None:
+        comparison = check(name, source, to, current, gate)
     client().set_registered_model_alias(name, to, source.version)
     clear_legacy_stages(name)
     event = _move("promote", name, to, source, current, reason, forced=force,

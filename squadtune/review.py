@@ -112,7 +112,8 @@ def judge(name: str, version: int, alias: str, gate: Gate, move: bool) -> Verdic
     tag_run(c, source.run_id, on_run)
     if move and verdict.outcome == "passed":
         verdict.moves.append(registry.promote(name, alias, version, gate,
-                                              reason=f"the gate: {verdict.reason}"))
+                                              reason=f"the gate: {verdict.reason}",
+                                              comparison=comparison))
         verdict.moved = True
     return verdict
 

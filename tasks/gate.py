@@ -18,7 +18,7 @@ from squadtune import registry as squadtune_registry
 from squadtune import review
 from tasks.outputs import Registration
 from tasks.registry_lock import registry_lock
-from tasks.registry_moves import follow, version_resource  # noqa: F401 - version_resource: API
+from tasks.registry_moves import follow
 from tasks.report_parts import data_warning
 from tasks.stage import Run
 

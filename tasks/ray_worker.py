@@ -32,7 +32,8 @@ def train_worker(spec: dict[str, Any]) -> None:
     import ray
     import ray.train
 
-    os.environ.update(ray.get(spec["secrets"]))  # before MLflow's client reads them
+    secrets = ray.get(spec["secrets"])
+    os.environ.update(secrets)  # before MLflow's client reads them
     from ray.train.huggingface.transformers import RayTrainReportCallback
 
     from tasks.train import TrainJob, train_here
@@ -54,7 +55,7 @@ def train_worker(spec: dict[str, Any]) -> None:
             "scratch": str(scratch),
             # Names only: which of the flow's variables reached the workers.
             "environment_from_flow": sorted(
-                {*ray.get(spec["secrets"]), *(n for n in spec["settings"] if n in os.environ)}),
+                {*secrets, *(n for n in spec["settings"] if n in os.environ)}),
         }, indent=2))
         storage.put(out, spec["output"], skip=("checkpoints",))
     shutil.rmtree(scratch, ignore_errors=True)

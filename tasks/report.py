@@ -250,8 +250,8 @@ def report_run(
     client.set_tag(run_id, "squadtune.registered_model",
                    f"{registered.model_name}/{registered.version}")
     client.set_tag(run_id, "squadtune.eval_overlap", str(squad.eval_overlap.questions))
-    if left_out(squad):
-        client.set_tag(run_id, LEFT_OUT_TAG, left_out(squad))
+    if said := left_out(squad):
+        client.set_tag(run_id, LEFT_OUT_TAG, said)
     mark_run_kind(run_id, train, registered)
     metrics, base = evaluation.metrics, baseline.metrics
     summary = {

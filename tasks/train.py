@@ -74,7 +74,7 @@ def train_adapter(
         from tasks.ray_engine import train_on_ray
 
         return train_on_ray(job, out)
-    if engine == "torchrun" or run.config.training.nproc_per_node > 1:
+    if engine == "torchrun":  # the config makes nproc_per_node > 1 mean torchrun
         return launch_distributed(job, out)
     return train_here(job, out)
 

@@ -7,6 +7,7 @@ The registry is tests/test_registry.py's, on the MLflow server: v1 F1 50, v2 F1 
 than v1), v3 F1 55 (a noisy gain over v1). Versions move to @staging through `squadtune promote`,
 whose `squadtune.model.staged` event starts the `approve` deployment's run."""
 
+import inspect
 import json
 import os
 import subprocess
@@ -19,7 +20,7 @@ import mlflow
 import pytest
 
 from tests.conftest import ROOT
-from tests.test_deployments import free_port
+from tests.serving import free_port
 from tests.test_registry import build_registry
 
 pytestmark = pytest.mark.slow
@@ -196,7 +197,10 @@ def test_a_request_nobody_answers_is_recorded_as_expired_with_no_worker_running(
     automation = next(a for a in call(ops, "POST", "automations/filter", {})
                       if a["name"] == "record an approval nobody answered")
     assert automation["trigger"]["posture"] == "Proactive"
-    assert automation["trigger"]["within"] == 72 * 3600
+    from flows.approval import approve
+
+    timeout = inspect.signature(approve.fn).parameters["timeout_hours"].default
+    assert automation["trigger"]["within"] == timeout * 3600, "the request's own timeout"
     trigger = {k: v for k, v in automation["trigger"].items() if k != "id"}
     body = {k: automation[k] for k in ("name", "description", "enabled", "actions",
                                        "actions_on_trigger", "actions_on_resolve")}

@@ -7,7 +7,6 @@ limit, and `servers.py down` (make down) leaving none of its processes behind.""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +17,11 @@ import mlflow
 import pytest
 
 from tests.conftest import ROOT, tiny_config_dict
+from tests.serving import free_port
 
 BIN = Path(sys.executable).parent
 # Real servers, deployments and workers: the full suite (make test-all).
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ tests/test_ray_train.py (full suite)."""
 from __future__ import annotations
 
 import copy
-import socket
+import os
 import subprocess
 import sys
 import time
@@ -17,6 +17,7 @@ from pipeline_config.engine import torchrun_nodes
 from squadtune.storage import Storage
 from tasks.ray_engine import worker_environment
 from tests.conftest import ROOT, tiny_config_dict
+from tests.serving import free_port
 from tests.test_cache_keys import stage_keys
 from tests.test_cache_matrix import EVAL, REGISTER, STAGES, TRAIN
 from tests.test_config import run_refused
@@ -87,12 +88,6 @@ def test_the_same_global_batch_on_any_engine_is_the_same_training_key(keys):
     assert ray[TRAIN] == torchrun[TRAIN]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_an_unreachable_cluster_is_refused_at_once_naming_the_fix():
     """In a process of its own, so that a check that hangs (inside `ray.init`) fails the test
     at its timeout instead of hanging the suite."""
@@ -149,40 +144,31 @@ def test_gpu_workers_on_a_machine_without_gpus_are_refused(capsys):
     assert "Fix with the overrides: training.ray.use_gpu=false" in err
 
 
+# What a flow's environment may hold: what workers get openly, and what only through Ray's
+# object store; Prefect's and Ray's own credentials stay with the flow.
+SETTINGS = {"MLFLOW_TRACKING_URI": "https://mlflow.team.example", "MLFLOW_TRACKING_USERNAME": "ci",
+            "MLFLOW_S3_ENDPOINT_URL": "https://s3.team.example", "AWS_DEFAULT_REGION": "eu-west-1",
+            "HF_HUB_OFFLINE": "1"}
+SECRETS = {"MLFLOW_TRACKING_PASSWORD": "pw-1", "AWS_ACCESS_KEY_ID": "id-1",
+           "AWS_SECRET_ACCESS_KEY": "key-1", "AWS_SESSION_TOKEN": "token-1", "HF_TOKEN": "hf-1"}
+FLOW_ONLY = {"PREFECT_API_AUTH_STRING": "admin:pw", "RAY_AUTH_TOKEN": "ray-1"}
+
+
 def test_workers_get_the_flows_settings_openly_and_its_secrets_privately(monkeypatch):
-    for name in [n for n in list(__import__("os").environ) if n.startswith(("MLFLOW_", "AWS_"))]:
+    for name in [n for n in list(os.environ) if n.startswith(("MLFLOW_", "AWS_"))]:
         monkeypatch.delenv(name)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.team.example")
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "ci")
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw-1")
-    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", "https://s3.team.example")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "id-1")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "key-1")
-    monkeypatch.setenv("AWS_SESSION_TOKEN", "token-1")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
-    monkeypatch.setenv("HF_TOKEN", "hf-1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("PREFECT_API_AUTH_STRING", "admin:pw")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", "ray-1")
+    for name, value in {**SETTINGS, **SECRETS, **FLOW_ONLY}.items():
+        monkeypatch.setenv(name, value)
     settings, secrets = worker_environment()
-    assert settings == {
-        "MLFLOW_TRACKING_URI": "https://mlflow.team.example",
-        "MLFLOW_TRACKING_USERNAME": "ci",
-        "MLFLOW_S3_ENDPOINT_URL": "https://s3.team.example",
-        "AWS_DEFAULT_REGION": "eu-west-1",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",  # tests/conftest.py sets it
-    }
-    assert secrets == {
-        "MLFLOW_TRACKING_PASSWORD": "pw-1", "AWS_ACCESS_KEY_ID": "id-1",
-        "AWS_SECRET_ACCESS_KEY": "key-1", "AWS_SESSION_TOKEN": "token-1", "HF_TOKEN": "hf-1",
-    }, "Prefect's and Ray's own credentials stay with the flow"
+    # tests/conftest.py sets HF_DATASETS_OFFLINE
+    assert settings == {**SETTINGS, "HF_DATASETS_OFFLINE": "1"}
+    assert secrets == SECRETS, "Prefect's and Ray's own credentials stay with the flow"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://ci:pw-2@mlflow.team.example")
     settings, secrets = worker_environment()
     assert "MLFLOW_TRACKING_URI" in secrets and "MLFLOW_TRACKING_URI" not in settings
 
 
-def test_storage_hands_over_whole_folders_only(tmp_path):
+def test_storage_hands_over_whole_folders_only(tmp_path, monkeypatch):
     source = tmp_path / "out"
     (source / "adapter").mkdir(parents=True)
     (source / "adapter" / "adapter_model.safetensors").write_bytes(b"\x00weights")
@@ -198,7 +184,19 @@ def test_storage_hands_over_whole_folders_only(tmp_path):
     assert sorted(p.relative_to(got).as_posix() for p in got.rglob("*")) == [
         "adapter", "adapter/adapter_model.safetensors", "train_result.json"]
     assert (got / "adapter" / "adapter_model.safetensors").read_bytes() == b"\x00weights"
-    # A folder whose copy was cut short has no marker: it is not taken for a finished one.
-    (tmp_path / "bucket" / "runs" / "b" / "output").mkdir(parents=True)
-    (tmp_path / "bucket" / "runs" / "b" / "output" / "train_result.json").write_text("{}")
+    # A copy cut short (the second file fails) leaves no marker: not taken for a finished one.
+    import pyarrow.fs as pafs
+
+    copy, copied = pafs.copy_files, []
+
+    def fail_second(*args, **kwargs):
+        if copied:
+            raise OSError("connection reset")
+        copied.append(args[0])
+        return copy(*args, **kwargs)
+
+    monkeypatch.setattr(pafs, "copy_files", fail_second)
+    with pytest.raises(OSError, match="connection reset"):
+        storage.put(source, "runs/b/output", skip=("checkpoints",))
+    assert copied and storage.exists("runs/b/output")
     assert not storage.complete("runs/b/output")

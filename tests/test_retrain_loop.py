@@ -24,8 +24,8 @@ import pytest
 
 from flows.sample_squad import sample
 from tests.conftest import ROOT, SQUAD_DEV, tiny_config_dict
+from tests.serving import free_port
 from tests.teamservers import server_folder, wait_for
-from tests.test_deployments import free_port
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

@@ -12,8 +12,8 @@ import pytest
 
 from deployments.team import Exposure
 from tests.conftest import ROOT
+from tests.serving import free_port
 from tests.teamservers import server_folder
-from tests.test_deployments import free_port
 
 SERVERS = [sys.executable, str(ROOT / "deployments" / "servers.py")]
 CREDENTIALS = ("PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")

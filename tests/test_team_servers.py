@@ -29,8 +29,8 @@ import yaml
 
 from tests.conftest import ROOT, tiny_config_dict
 from tests.s3server import s3_server
+from tests.serving import free_port
 from tests.teamservers import basic, postgres_processes, server_folder, wait_for
-from tests.test_deployments import free_port
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
