@@ -46,8 +46,13 @@ class Server:
         if parts.scheme.split("+")[0] not in ("postgresql", "postgres") or not parts.hostname:
             raise PostgresError(f"--database-url {parts.scheme}://{parts.hostname or ''}... is not "
                                 "a PostgreSQL server URL; give postgresql://USER@HOST:PORT")
+        if parts.password:  # a command line shows it to `ps`, make and shell history
+            raise PostgresError(
+                f"--database-url postgresql://{parts.username}:...@{parts.hostname} carries a "
+                "password, which a command line shows to every user of the machine; give "
+                "postgresql://USER@HOST:PORT and export PGPASSWORD")
         return cls(parts.hostname, parts.port or 5432, parts.username or USER,
-                   parts.password or os.environ.get("PGPASSWORD"))
+                   os.environ.get("PGPASSWORD"))
 
     def url(self, database: str, driver: str = "") -> str:
         scheme = f"postgresql+{driver}" if driver else "postgresql"
@@ -152,13 +157,12 @@ class Cluster:
     def init(self, port: int | None) -> None:
         """`initdb` with a generated password, listening on 127.0.0.1 only."""
         self.check_reachable()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         password = secrets.token_urlsafe(24)
-        secret = self.root / "password"
-        secret.touch(mode=0o600)
-        secret.write_text(password + "\n")
-        pwfile = self.root / "initdb.pw"
-        pwfile.write_text(password + "\n")
+        secret, pwfile = self.root / "password", self.root / "initdb.pw"
+        for path in (secret, pwfile):  # private before the password is in it
+            path.touch(mode=0o600)
+            path.write_text(password + "\n")
         if self.as_root:
             os.chown(self.root, *self._ids())
             os.chown(pwfile, *self._ids())
@@ -239,11 +243,9 @@ def choose_settings(args, recorded: dict, running: list[str], state: Path) -> di
         "artifacts": args.mlflow_artifacts or recorded.get("artifacts")
         or str(state / "mlartifacts"),
     }
-    if settings["database_url"]:  # kept without its password: that stays in PGPASSWORD
+    if settings["database_url"]:  # without a password (refused in it): that is PGPASSWORD's
         server = Server.from_url(settings["database_url"])
         settings["database_url"] = f"postgresql://{server.user}@{server.host}:{server.port}"
-        if server.password:
-            os.environ["PGPASSWORD"] = server.password
     changed = sorted(k for k in settings if recorded and recorded.get(k) != settings[k])
     if changed and running:
         raise PostgresError(

@@ -213,6 +213,8 @@ def up(args) -> None:
     if settings["backend"] == "postgres":
         # The Prefect API answers 500 while its database restarts: clients retry, as MLflow's do.
         client_env["PREFECT_CLIENT_RETRY_EXTRA_CODES"] = "500"
+    # Says once, not at every poll, that a run waits for its concurrency slot.
+    worker_logs = str(worker_logging.write_config(svc.run_dir / "worker-logging.yml"))
     for pool in args.pools:
         svc.start(
             f"worker-{pool}",
@@ -220,9 +222,7 @@ def up(args) -> None:
              "--name", f"squadtune-{pool}"],
             {**client_env, "PREFECT_HOME": str(state / "prefect-home"),
              "PREFECT_WORKER_QUERY_SECONDS": str(args.worker_poll_seconds),
-             # Says once, not at every poll, that a run waits for its concurrency slot.
-             "PREFECT_LOGGING_SETTINGS_PATH": str(worker_logging.write_config(
-                 svc.run_dir / "worker-logging.yml")),
+             "PREFECT_LOGGING_SETTINGS_PATH": worker_logs,
              "PATH": f"{BIN}:{os.environ.get('PATH', '')}"},
             f"--pool {pool}",
         )

@@ -21,6 +21,7 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.serving import free_port
+from tests.teamservers import wait_for
 from tests.test_registry import build_registry
 
 pytestmark = pytest.mark.slow
@@ -64,15 +65,6 @@ def call(ctx, method: str, path: str, body: dict | None = None):
         time.sleep(2)
     response.raise_for_status()
     return response.json() if response.content else None
-
-
-def wait_for(predicate, seconds: float, what: str):
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if found := predicate():
-            return found
-        time.sleep(1)
-    raise AssertionError(f"waited {seconds:.0f} s for {what}")
 
 
 def runs_of(ctx, deployment: str) -> list[dict]:

@@ -56,10 +56,14 @@ def test_half_an_mlflow_account_is_refused_even_on_loopback(tmp_path):
     assert not started(tmp_path)
 
 
-def test_a_database_url_that_is_not_postgres_or_does_not_answer_is_refused(tmp_path):
+def test_a_database_url_not_postgres_with_a_password_or_not_answering_is_refused(tmp_path):
     line = refusal(up(tmp_path / "a", "--backend", "postgres", "--database-url",
                       "mysql://me@db.example/x"))
     assert "is not a PostgreSQL server URL" in line and "postgresql://USER@HOST:PORT" in line
+    line = refusal(up(tmp_path / "c", "--backend", "postgres", "--database-url",
+                      "postgresql://me:hunter2@db.example:5432"))
+    assert "carries a password" in line and "export PGPASSWORD" in line
+    assert "hunter2" not in line
     closed = free_port()
     line = refusal(up(tmp_path / "b", "--backend", "postgres", "--database-url",
                       f"postgresql://squadtune@127.0.0.1:{closed}"))
