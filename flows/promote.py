@@ -40,6 +40,13 @@ def publish_refusal(name: str, exc: InputError) -> None:
                               key="promotion-questions", description=comparison.summary())
 
 
+def refused(reason: str) -> Failed:
+    """The run ends Failed with the one-line reason as its message, always led by "refused: "
+    (the gate's, the stage order's, a request nothing can apply), so the UI's runs list and a
+    filter on the message tell a refusal from a crash."""
+    return Failed(message=reason if reason.startswith("refused: ") else f"refused: {reason}")
+
+
 @task(name="promote_version")
 def promote_version(name: str, to: str, version: int | None, gate: Gate, force: bool,
                     reason: str):
@@ -132,8 +139,8 @@ def promote(
         reason: Why the gate is skipped.
     """
     event = promote_version(model_name, to, version, gate, force, reason)
-    if "refused" in event:  # the run ends Failed with the one-line reason as its message
-        return Failed(message=event["refused"])
+    if "refused" in event:
+        return refused(event["refused"])
     publish_history(model_name, event)
     return event
 
@@ -148,7 +155,7 @@ def rollback(model_name: str, alias: Literal["staging", "production"] = "product
     """
     event = rollback_alias(model_name, alias)
     if "refused" in event:
-        return Failed(message=event["refused"])
+        return refused(event["refused"])
     publish_history(model_name, event)
     return event
 

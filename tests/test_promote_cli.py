@@ -81,6 +81,12 @@ def test_promotions_and_refusals_as_the_user_sees_them(registry_store, capsys, p
 
     code, out, _ = cli(capsys, "promote", NAME, "--to", "staging", "--gate", "mean")
     assert code == 0 and json.loads(out)["version"] == 3
+    # Nothing to move is a refusal too, and every refused run's message says so first.
+    code, _, err = cli(capsys, "promote", NAME, "--to", "staging")
+    assert code == 2 and "version 3 already holds @staging" in err
+    again = newest(flow_runs("promote"))
+    assert again.state.is_failed()
+    assert again.state.message == f"refused: {NAME} version 3 already holds @staging"
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
