@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 
 
@@ -37,6 +38,19 @@ def wait_for(predicate, seconds: float, what: str):
             return found
         time.sleep(1)
     raise AssertionError(f"waited {seconds:.0f} s for {what}")
+
+
+def prefect_api(api: str, method: str, path: str, body=None, **kwargs):
+    """A call to Prefect's REST API at `api`, its JSON answer; again after a 503, as Prefect's
+    own client does: the server on SQLite answers 503 while another writer holds the database
+    (seen on a loaded 2-core machine, in a fixture's very first PATCH)."""
+    for attempt in range(6):
+        response = httpx.request(method, f"{api}/{path}", json=body, timeout=30, **kwargs)
+        if response.status_code != 503:
+            break
+        time.sleep(2 ** min(attempt, 3))
+    response.raise_for_status()
+    return response.json() if response.content else None
 
 
 def postgres_processes(state: Path) -> list[psutil.Process]:

@@ -20,6 +20,7 @@ import psutil
 import pytest
 import yaml
 
+from tasks import lease
 from tasks.manifest import read_manifest
 from tests.conftest import tiny_config_dict
 
@@ -73,9 +74,34 @@ def stage_waits(output: str) -> list[dict]:
     return waits
 
 
-def test_two_runs_started_together_leave_one_valid_result(tmp_path, small_squad_file):
-    config = write_config(tmp_path, small_squad_file, "squadtune-test-race", max_steps=8)
-    first, second = cli(config), cli(config)
+STEPS = 200  # the first run trains for several seconds: the second's start fits in them
+
+
+def held(state: Path, stage: str) -> bool:
+    """Whether some process holds a lease of `stage`'s outputs."""
+    return any(not lease.free(state, path.stem)
+               for path in (state / "leases").glob(f"{stage}-*.lock"))
+
+
+def wait_for(condition, proc: subprocess.Popen, seconds: float = 600) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, f"not reached in {seconds} s"
+        time.sleep(0.1)
+
+
+def test_a_run_started_while_another_trains_waits_and_both_leave_one_valid_result(
+        tmp_path, small_squad_file):
+    config = write_config(tmp_path, small_squad_file, "squadtune-test-race", max_steps=STEPS,
+                          save_steps=STEPS // 4, logging_steps=STEPS // 4)
+    state = tmp_path / "state"
+    # The second starts once the first is training: it finds the stages before done and must
+    # wait on the training stage's lease, however slow its own start on a loaded machine (started
+    # at the same instant, one run sometimes finished before the other had imported torch).
+    first = cli(config)
+    wait_for(lambda: held(state, "train"), first)
+    second = cli(config)
     outs = [p.communicate(timeout=900) for p in (first, second)]
     for proc, (_out, err) in zip((first, second), outs, strict=True):
         assert proc.returncode == 0, err[-3000:]
@@ -83,10 +109,9 @@ def test_two_runs_started_together_leave_one_valid_result(tmp_path, small_squad_
     summaries = [json.loads(out[out.index("{\n"):]) for out, _ in outs]
     assert summaries[0]["model_version"] == summaries[1]["model_version"] == 1
 
-    state = tmp_path / "state"
     train = only_output(state, "train")
     trained = read_manifest(train)
-    assert trained["resumed_from_step"] == 0 and trained["global_step"] == 8
+    assert trained["resumed_from_step"] == 0 and trained["global_step"] == STEPS
     adapter = train / "adapter" / "adapter_model.safetensors"
     assert trained["files"]["adapter/adapter_model.safetensors"]["sha256"] == sha256(adapter)
     # The evaluation scored this adapter, and this adapter is what the registry holds.
@@ -110,7 +135,8 @@ def test_two_runs_started_together_leave_one_valid_result(tmp_path, small_squad_
     flow_run = [runs[s["mlflow_run_id"]].data.tags["prefect.flow_run_id"] for s in summaries]
     pids = [first.pid, second.pid]
     waits = [stage_waits(out + err) for out, err in outs]
-    assert any(waits), f"neither run waited for the other: {[err[-3000:] for _, err in outs]}"
+    assert "train" in [w["stage"] for w in waits[1]], \
+        f"the second run did not wait for the first's training: {outs[1][1][-3000:]}"
     for me, other in ((0, 1), (1, 0)):
         for wait in waits[me]:
             assert (wait["pid"], wait["flow_run"]) == (pids[other], flow_run[other]), wait

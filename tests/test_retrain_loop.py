@@ -18,14 +18,13 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
 import mlflow
 import pytest
 
 from flows.sample_squad import sample
 from tests.conftest import ROOT, SQUAD_DEV, tiny_config_dict
 from tests.serving import free_port
-from tests.teamservers import server_folder, wait_for
+from tests.teamservers import prefect_api, server_folder, wait_for
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -66,8 +65,8 @@ def loop(request, tmp_path_factory):
                               eval_files=[str(root / "heldout.json")])
         config["registry"]["model_name"] = MODEL
         deployment = get(ctx, "deployments/name/finetune/finetune-retrain")
-        httpx.patch(f"{ctx['api']}/deployments/{deployment['id']}",
-                    json={"parameters": {"config": config}}).raise_for_status()
+        prefect_api(ctx["api"], "PATCH", f"deployments/{deployment['id']}",
+                    {"parameters": {"config": config}})
         ctx["deployment"] = deployment["id"]
         post(ctx, "automations/", {
             "name": "squadtune test sentinel", "actions": [{"type": "do-nothing"}],
@@ -81,15 +80,11 @@ def loop(request, tmp_path_factory):
 
 
 def get(ctx, path: str):
-    response = httpx.get(f"{ctx['api']}/{path}", timeout=30)
-    response.raise_for_status()
-    return response.json()
+    return prefect_api(ctx["api"], "GET", path)
 
 
 def post(ctx, path: str, body: dict):
-    response = httpx.post(f"{ctx['api']}/{path}", json=body, timeout=30)
-    response.raise_for_status()
-    return response.json()
+    return prefect_api(ctx["api"], "POST", path, body)
 
 
 def watcher_log(ctx) -> str:
@@ -133,9 +128,9 @@ def automations_settled(ctx) -> None:
     after the others, is evaluated after them (an automation of this test answers it), then
     each firing's action must have executed or failed."""
     sentinel = str(uuid.uuid4())
-    httpx.post(f"{ctx['api']}/events", timeout=30, json=[{
+    post(ctx, "events", [{
         "id": sentinel, "occurred": datetime.now(UTC).isoformat(), "event": SENTINEL,
-        "resource": {"prefect.resource.id": SENTINEL}}]).raise_for_status()
+        "resource": {"prefect.resource.id": SENTINEL}}])
     wait_for(lambda: any(f"prefect.event.{sentinel}" in related_ids(e, "triggering-event")
                          for e in events(ctx, "prefect.automation.triggered")),
              120, "the automations to evaluate the events before the sentinel")
@@ -195,7 +190,7 @@ def resume(ctx, run_id: str, **answer) -> None:
 
 
 def set_pool_paused(ctx, paused: bool) -> None:
-    httpx.patch(f"{ctx['api']}/work_pools/local", json={"is_paused": paused}).raise_for_status()
+    prefect_api(ctx["api"], "PATCH", "work_pools/local", {"is_paused": paused})
 
 
 def test_new_data_starts_one_run_and_the_gate_stages_its_version(loop):
