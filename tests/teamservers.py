@@ -40,12 +40,12 @@ def wait_for(predicate, seconds: float, what: str):
     raise AssertionError(f"waited {seconds:.0f} s for {what}")
 
 
-def prefect_api(api: str, method: str, path: str, body=None, **kwargs):
+def prefect_api(api: str, method: str, path: str, body=None, timeout: float = 30, **kwargs):
     """A call to Prefect's REST API at `api`, its JSON answer; again after a 503, as Prefect's
     own client does: the server on SQLite answers 503 while another writer holds the database
     (seen on a loaded 2-core machine, in a fixture's very first PATCH)."""
     for attempt in range(6):
-        response = httpx.request(method, f"{api}/{path}", json=body, timeout=30, **kwargs)
+        response = httpx.request(method, f"{api}/{path}", json=body, timeout=timeout, **kwargs)
         if response.status_code != 503:
             break
         time.sleep(2 ** min(attempt, 3))

@@ -84,6 +84,7 @@ def held(state: Path, stage: str) -> bool:
 
 
 def wait_for(condition, proc: subprocess.Popen, seconds: float = 600) -> None:
+    """Poll `condition` while `proc` runs; fail with its stderr if it ends first."""
     deadline = time.time() + seconds
     while not condition():
         assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -152,15 +153,11 @@ def descendants(proc: subprocess.Popen) -> list[psutil.Process]:
 
 def wait_for_training(proc: subprocess.Popen, state: Path, past_step: int = 0) -> int:
     """Block until a checkpoint after `past_step` exists; return its step."""
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        steps = [int(c.name.split("-")[1])
-                 for c in state.glob("artifacts/train/*/checkpoints/checkpoint-*")]
-        if steps and max(steps) > past_step:
-            return max(steps)
-        time.sleep(0.2)
-    raise AssertionError("training did not reach a new checkpoint in 600 s")
+    def steps() -> list[int]:
+        return [int(c.name.split("-")[1])
+                for c in state.glob("artifacts/train/*/checkpoints/checkpoint-*")]
+    wait_for(lambda: max(steps(), default=0) > past_step, proc)
+    return max(steps())
 
 
 def test_a_killed_run_leaves_no_process_and_the_next_run_cleans_up(tmp_path, small_squad_file):

@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import ROOT, tiny_config_dict
 from tests.serving import free_port
+from tests.teamservers import prefect_api
 
 BIN = Path(sys.executable).parent
 # Real servers, deployments and workers: the full suite (make test-all).
@@ -54,10 +55,8 @@ def prefect(servers, *args, check=True):
 
 
 def api(servers, path: str, body: dict | None = None):
-    url = f"http://127.0.0.1:{servers['ports']['prefect']}/api/{path}"
-    response = httpx.post(url, json=body or {}) if body is not None else httpx.get(url)
-    response.raise_for_status()
-    return response.json()
+    return prefect_api(f"http://127.0.0.1:{servers['ports']['prefect']}/api",
+                       "GET" if body is None else "POST", path, body)
 
 
 def run_deployment(servers, name: str, config: dict) -> dict:

@@ -30,7 +30,7 @@ import yaml
 from tests.conftest import ROOT, tiny_config_dict
 from tests.s3server import s3_server
 from tests.serving import free_port
-from tests.teamservers import basic, postgres_processes, server_folder, wait_for
+from tests.teamservers import basic, postgres_processes, prefect_api, server_folder, wait_for
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -96,12 +96,8 @@ def sh(ctx, *command, check=True, timeout=900, env=None):
 
 
 def api(ctx, path: str, body: dict | None = None):
-    headers = basic(PREFECT_AUTH)
-    url = f"{ctx['api']}/{path}"
-    answer = (httpx.post(url, json=body, headers=headers, timeout=60) if body is not None
-              else httpx.get(url, headers=headers, timeout=60))
-    answer.raise_for_status()
-    return answer.json()
+    return prefect_api(ctx["api"], "GET" if body is None else "POST", path, body, timeout=60,
+                       headers=basic(PREFECT_AUTH))
 
 
 def client(ctx) -> mlflow.MlflowClient:
